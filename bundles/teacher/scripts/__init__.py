@@ -1,0 +1,3 @@
+"""Code this bundle needs beyond MONAI: the network, BraTS conventions, resumable training."""
+
+from . import brats, network, reliability
