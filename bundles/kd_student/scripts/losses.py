@@ -1,0 +1,245 @@
+"""KD-Net losses (Hu et al., MICCAI 2020, "Knowledge distillation from multi-modal to mono-modal
+segmentation networks"), Eq. 1--5.
+
+- :class:`KDLoss` -- the Teacher's soft labels distilled into the Student (Eq. 1--2).
+- :class:`BottleneckKLLoss` -- Kullback--Leibler divergence between the bottlenecks (Eq. 3).
+- :class:`KDNetObjective` -- the weighted sum with the reference-segmentation loss (Eq. 4--5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["KDLoss", "BottleneckKLLoss", "KDNetObjective"]
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
+    return float(value)
+
+
+def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str, min_ndim: int) -> None:
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise TypeError(
+            f"{what}: expected two tensors, got {type(student).__name__} and {type(teacher).__name__}."
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{what}: student and teacher shapes differ ({tuple(student.shape)} vs {tuple(teacher.shape)}); "
+            "the two networks must share the architecture (only the number of input channels may differ)."
+        )
+    if student.ndim < min_ndim:
+        raise ValueError(f"{what}: expected at least {min_ndim} dimensions, got shape {tuple(student.shape)}.")
+
+
+class KDLoss(_Loss):
+    """Generalised knowledge-distillation loss of KD-Net (Eq. 1--2), for overlapping sigmoid regions.
+
+    With Teacher logits ``f_t(x)``, Student logits ``f_s(x_k)`` and temperature ``T``::
+
+        s  = sigmoid(f_t(x) / T)                                  # soft labels, Eq. 1
+        s* = [f_t(x) > 0]                                         # Teacher's binary prediction
+        p  = sigmoid(f_s(x_k) / T_s)                              # Student probabilities (T_s = 1 in the paper)
+        L_KD = (1 - Dice(s, p)) + BCE(s*, p)                      # Eq. 2
+        Dice(s, p) = (2 sum(p * s) + 1e-5) / (sum(p) + sum(s) + 1e-5)
+
+    sums run over the spatial axes; the Dice term is averaged over batch and channels and the BCE
+    over all voxels. ``s*`` is the Teacher's prediction at the usual 0.5 threshold, which is
+    ``f_t > 0`` for every ``T``, so it does not depend on the temperature.
+
+    Why sigmoid instead of the paper's softmax: BraTS is trained on the nested regions TC, WT and
+    ET, which overlap (ET is inside TC inside WT), so each output channel is an independent binary
+    problem and the soft label of a region is its own sigmoid. The temperature softens each
+    region's Bernoulli distribution exactly as ``softmax(z / T)`` softens a categorical one.
+
+    The temperature is applied to the Teacher only, as Eq. 2 is written (``sigma(f_s(x_k))``);
+    ``student_temperature`` is kept as an option for the Hinton-style variant where both sides
+    are divided by ``T``.
+
+    Note: with soft targets the classical soft Dice is not minimised at ``p == s`` (it rewards
+    confident ``p`` where ``s > 0.5``); this follows the paper's formula.
+
+    The soft Dice term is MONAI's ``DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5)`` applied to ``(p, s)``;
+    the BCE is computed from logits (``binary_cross_entropy_with_logits(f_s / T_s, s*)``) so that
+    saturated logits (e.g. +-50) give finite values and gradients. Teacher tensors are detached.
+
+    Args:
+        temperature: ``T`` in Eq. 1, strictly positive; the paper uses 5.
+        student_temperature: divides the Student logits; 1 reproduces Eq. 2.
+    """
+
+    def __init__(self, temperature: float = 5.0, student_temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = _check_positive("temperature", temperature)
+        self.student_temperature = _check_positive("student_temperature", student_temperature)
+        # soft_label=False keeps the classical form 2|p*s| / (|p| + |s|) of Eq. 2
+        self.dice = DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5, soft_label=False, reduction="mean")
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_logits: Student pre-sigmoid outputs, ``[B, C, *spatial]``.
+            teacher_logits: Teacher pre-sigmoid outputs of the same shape; used as a fixed target.
+
+        Returns:
+            the scalar ``L_KD`` of Eq. 2.
+        """
+        _check_same_shape(student_logits, teacher_logits, "KDLoss", min_ndim=3)
+        teacher_logits = teacher_logits.detach()
+        soft_target = torch.sigmoid(teacher_logits / self.temperature)
+        hard_target = (teacher_logits > 0).to(student_logits.dtype)
+        student_scaled = student_logits / self.student_temperature
+        dice = self.dice(torch.sigmoid(student_scaled), soft_target)
+        bce = F.binary_cross_entropy_with_logits(student_scaled, hard_target)
+        return dice + bce
+
+
+class BottleneckKLLoss(_Loss):
+    """Kullback--Leibler divergence between Teacher and Student bottlenecks (Eq. 3).
+
+    Each sample's latent tensor is flattened and normalised into a distribution with a softmax,
+    ``p_i = softmax(vec(E_s(x_k^i)))`` for the Student and ``q_i = softmax(vec(E_t(x^i)))`` for the
+    Teacher, and::
+
+        L_KL(p, q) = 1/B sum_i sum_j q_i(j) * (log q_i(j) - log p_i(j))      # = KL(q_i || p_i)
+
+    Why this order: KL(q || p) is the expectation under the Teacher's distribution, so the Student
+    is penalised wherever the Teacher puts mass and it does not -- the paper chooses it "because we
+    want the distribution of the Student's bottleneck to be similar to the one of the Teacher".
+
+    The paper sums over samples; the batch mean is used here so that ``alpha`` in Eq. 5 does not
+    depend on the batch size. Computed in log space (``log_softmax`` on both sides, float32) so
+    that no probability underflows to ``log(0)``. The Teacher tensor is detached.
+    """
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_feat: Student bottleneck, ``[B, ...]``.
+            teacher_feat: Teacher bottleneck of the same shape.
+
+        Returns:
+            the scalar ``L_KL`` of Eq. 3 (batch mean), ``>= 0`` and ``0`` for identical inputs.
+        """
+        _check_same_shape(student_feat, teacher_feat, "BottleneckKLLoss", min_ndim=2)
+        # a latent vector has thousands of entries: normalise in float32 even under mixed precision
+        log_p = F.log_softmax(student_feat.flatten(1).float(), dim=1)
+        log_q = F.log_softmax(teacher_feat.detach().flatten(1).float(), dim=1)
+        return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
+class KDNetObjective(nn.Module):
+    """The complete KD-Net objective (Eq. 5)::
+
+        L = lambda * L_KD + (1 - lambda) * L_GT + alpha * L_KL
+
+    where ``L_GT`` (Eq. 4) is Dice + BCE against the reference segmentation -- in the bundle
+    ``monai.losses.DiceCELoss(sigmoid=True)`` -- ``L_KD`` is :class:`KDLoss` and ``L_KL`` is
+    :class:`BottleneckKLLoss`.
+
+    A term whose weight is 0 is not evaluated (and reported as 0), so the GT-only baseline and the
+    ablations of the paper's Table 2 run without the tensors that term would need; with
+    ``lambda = 0`` and ``alpha = 0`` the total is exactly ``gt_loss(student_logits, label)``.
+
+    Args:
+        gt_loss: ``(student_logits, label) -> loss``; ``None`` only if ``lambda_kd == 1``.
+        kd_loss: ``(student_logits, teacher_logits) -> loss``; ``None`` only if ``lambda_kd == 0``.
+        kl_loss: ``(student_bottleneck, teacher_bottleneck) -> loss``; ``None`` only if ``alpha_kl == 0``.
+        lambda_kd: imitation weight ``lambda`` in ``[0, 1]``; the paper uses 0.75.
+        alpha_kl: latent-space weight ``alpha >= 0``; the paper uses 10.
+    """
+
+    def __init__(
+        self,
+        gt_loss: Callable | None,
+        kd_loss: Callable | None,
+        kl_loss: Callable | None,
+        lambda_kd: float = 0.75,
+        alpha_kl: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(lambda_kd, bool) or not isinstance(lambda_kd, Real) or not 0.0 <= lambda_kd <= 1.0:
+            raise ValueError(f"lambda_kd must be a number in [0, 1] (Eq. 5), got {lambda_kd!r}.")
+        if isinstance(alpha_kl, bool) or not isinstance(alpha_kl, Real) or not 0.0 <= alpha_kl < float("inf"):
+            raise ValueError(f"alpha_kl must be a finite number >= 0 (Eq. 5), got {alpha_kl!r}.")
+        self.lambda_kd = float(lambda_kd)
+        self.alpha_kl = float(alpha_kl)
+        for name, fn, weight in (
+            ("gt_loss", gt_loss, 1.0 - self.lambda_kd),
+            ("kd_loss", kd_loss, self.lambda_kd),
+            ("kl_loss", kl_loss, self.alpha_kl),
+        ):
+            if weight > 0 and not callable(fn):
+                raise TypeError(f"{name} must be a callable loss when its weight is {weight}, got {fn!r}.")
+        # assigned as attributes so that nn.Module losses follow .to(device) and show in repr
+        self.gt_loss = gt_loss
+        self.kd_loss = kd_loss
+        self.kl_loss = kl_loss
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Whether ``forward`` needs ``teacher_logits`` (``lambda > 0``)."""
+        return self.lambda_kd > 0
+
+    @property
+    def needs_bottlenecks(self) -> bool:
+        """Whether ``forward`` needs both bottleneck tensors (``alpha > 0``)."""
+        return self.alpha_kl > 0
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        label: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        student_bottleneck: torch.Tensor | None = None,
+        teacher_bottleneck: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            student_logits: Student outputs ``[B, C, *spatial]`` (pre-sigmoid).
+            label: reference segmentation for ``L_GT``, e.g. the 3-channel TC/WT/ET mask.
+            teacher_logits: Teacher outputs, same shape as ``student_logits``; required if ``lambda > 0``.
+            student_bottleneck: Student latent tensor; required if ``alpha > 0``.
+            teacher_bottleneck: Teacher latent tensor, same shape; required if ``alpha > 0``.
+
+        Returns:
+            ``{"loss": L, "loss_gt": L_GT, "loss_kd": L_KD, "loss_kl": L_KL}``, scalar tensors; only
+            ``"loss"`` is meant for ``backward()``.
+        """
+        if self.needs_teacher_logits and teacher_logits is None:
+            raise ValueError(
+                f"lambda_kd={self.lambda_kd} needs teacher_logits, but none were given: run the frozen "
+                "teacher (FrozenTeacher handler) or provide cached teacher outputs, or set lambda_kd=0."
+            )
+        if self.needs_bottlenecks and (student_bottleneck is None or teacher_bottleneck is None):
+            given = {"student_bottleneck": student_bottleneck, "teacher_bottleneck": teacher_bottleneck}
+            missing = [name for name, value in given.items() if value is None]
+            raise ValueError(
+                f"alpha_kl={self.alpha_kl} needs both bottlenecks, but {missing} missing: hook the bottleneck "
+                "submodules (KDTrainer / FrozenTeacher do it by name) or set alpha_kl=0."
+            )
+        zero = student_logits.new_zeros(())
+        terms = {"loss_gt": zero, "loss_kd": zero, "loss_kl": zero}
+        weighted = []
+        # skip zero-weight terms entirely: 0 * L would still need L's inputs and could turn a NaN into the total
+        if self.lambda_kd < 1:
+            terms["loss_gt"] = self.gt_loss(student_logits, label).mean()
+            weighted.append(terms["loss_gt"] if self.lambda_kd == 0 else (1.0 - self.lambda_kd) * terms["loss_gt"])
+        if self.lambda_kd > 0:
+            terms["loss_kd"] = self.kd_loss(student_logits, teacher_logits).mean()
+            weighted.append(self.lambda_kd * terms["loss_kd"])
+        if self.alpha_kl > 0:
+            terms["loss_kl"] = self.kl_loss(student_bottleneck, teacher_bottleneck).mean()
+            weighted.append(self.alpha_kl * terms["loss_kl"])
+        total = weighted[0]
+        for term in weighted[1:]:
+            total = total + term
+        return {"loss": total, **terms}
