@@ -1,8 +1,9 @@
 """Tests of tools/prepare.py: layout detection, datalist schema, folds, and every data defect.
 
-Datasets are tiny (16^3) and made once per layout, then copied per test so a test may damage
-its copy. Defect tests check the whole contract: non-zero exit, a stderr line naming the case
-and the problem, no traceback, and no datalist (nor temporary file) left behind.
+Datasets are tiny phantoms (``tools.phantom.write_dataset`` at size 16, 16x16x10 voxels) made
+once per layout, then copied per test so a test may damage its copy. Defect tests check the
+whole contract: non-zero exit, a stderr line naming the case and the problem, no traceback,
+and no datalist (nor temporary file) left behind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from tools import prepare
 from tools.atomic import write_json_atomic
 from tools.layouts import Case
+from tools.phantom import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -34,67 +36,30 @@ EXPECTED_LABEL_MAP = {
     "brats2023": {"orig": [1, 2, 3], "target": [1, 2, 4]},
     "msd": {"orig": [1, 2, 3], "target": [2, 1, 4]},
 }
-AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
-AFFINE[:3, 3] = (-8.0, -8.0, -8.0)
 
 
 # ---------------------------------------------------------------------------------------------
-# small NIfTI datasets in each real layout
+# phantom datasets in each real layout
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(data, affine), path)
 
 
-def _volumes(rng: np.random.Generator, label_values: tuple[int, int, int]):
-    """Four positive int16 modalities and a uint8 segmentation with the three tumour labels."""
-    images = [rng.integers(1, 1000, (SIZE,) * 3).astype(np.int16) for _ in range(4)]
-    seg = np.zeros((SIZE,) * 3, np.uint8)
-    seg[4:12, 4:12, 4:12] = label_values[0]
-    seg[6:10, 6:10, 6:10] = label_values[1]
-    seg[7:9, 7:9, 7:9] = label_values[2]
-    return images, seg
-
-
-def _write_folder_case(root: Path, folder: Path, sep: str, suffixes, labeled: bool, labels, rng) -> None:
-    images, seg = _volumes(rng, labels)
-    for suffix, data in zip(suffixes, images):
-        write_nifti(folder / f"{folder.name}{sep}{suffix}.nii.gz", data)
-    if labeled:
-        write_nifti(folder / f"{folder.name}{sep}seg.nii.gz", seg)
-
-
-def make_dataset(root: Path, layout: str, cases: int = LABELED, unlabeled: int = UNLABELED, seed: int = 0) -> Path:
-    """A small dataset in ``layout``'s real on-disk naming (labels 1/2/4, or 1/2/3 for 2023/MSD)."""
-    rng = np.random.default_rng(seed)
-    total = cases + unlabeled
-    if layout == "brats2018":
-        for i in range(total):
-            grade = "HGG" if i % 3 else "LGG"  # 2:1 like the real 210 HGG / 75 LGG
-            folder = root / grade / f"Brats18_TCIA{i:02d}_{100 + i}_1"
-            _write_folder_case(root, folder, "_", ("t1", "t1ce", "t2", "flair"), i < cases, (1, 2, 4), rng)
-    elif layout == "brats2021":
-        for i in range(total):
-            folder = root / f"BraTS2021_{i:05d}"
-            _write_folder_case(root, folder, "_", ("t1", "t1ce", "t2", "flair"), i < cases, (2, 1, 4), rng)
-    elif layout == "brats2023":
-        for i in range(total):
-            folder = root / f"BraTS-GLI-{i:05d}-000"
-            _write_folder_case(root, folder, "-", ("t1n", "t1c", "t2w", "t2f"), i < cases, (2, 1, 3), rng)
-    elif layout == "msd":
-        for i in range(total):
-            images, seg = _volumes(rng, (1, 2, 3))
-            image = np.stack(images, axis=-1)  # FLAIR, T1w, T1gd, T2w in the real data
-            split = "imagesTr" if i < cases else "imagesTs"
-            write_nifti(root / split / f"BRATS_{i + 1:03d}.nii.gz", image)
-            if i < cases:
-                write_nifti(root / "labelsTr" / f"BRATS_{i + 1:03d}.nii.gz", seg)
-        # macOS resource forks ship inside the real Task01 archive.
+def make_dataset(root: Path, layout: str) -> Path:
+    """A phantom dataset with LABELED labeled and UNLABELED unlabeled cases in ``layout``."""
+    write_dataset(root, layout=layout, cases=LABELED, unlabeled=UNLABELED, size=SIZE, seed=0)
+    if layout == "msd":
+        # macOS resource forks ship inside the real Task01 archive; they must be ignored.
         (root / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"\x00\x05\x16\x07")
-    else:
-        raise ValueError(layout)
     return root
+
+
+def rename_case(folder: Path, new_id: str) -> Path:
+    """Rename a one-folder-per-case BraTS case (its folder and file prefixes) to ``new_id``."""
+    for path in folder.iterdir():
+        path.rename(folder / path.name.replace(folder.name, new_id))
+    return folder.rename(folder.with_name(new_id))
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +74,10 @@ def dataset(templates, tmp_path):
     """Factory: a private copy of a layout's template that the test may modify."""
 
     def copy(layout: str = "brats2021") -> Path:
-        target = tmp_path / f"data_{layout}"
+        target, number = tmp_path / f"data_{layout}", 1
+        while target.exists():  # a test may ask for the same layout twice
+            number += 1
+            target = tmp_path / f"data_{layout}_{number}"
         shutil.copytree(templates[layout], target)
         return target
 
@@ -151,10 +119,11 @@ def run_inprocess(capsys, data: Path, out: Path, **kwargs):
     return status, captured.out, captured.err
 
 
-def run_cli(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Run ``python -m tools.prepare`` exactly as a user would."""
+def run_cli(data: Path, out: Path, *extra: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``python -m tools.prepare`` exactly as a user would (from ``cwd``)."""
     command = [sys.executable, "-m", "tools.prepare", "--data", str(data), "--out", str(out), "--folds", "3", *extra]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
 def assert_rejected(status: int, err: str, out: Path, *fragments: str) -> list[str]:
@@ -246,37 +215,45 @@ def test_msd_entries_share_the_4d_image_and_ignore_macos_forks(dataset, tmp_path
     assert not any("._" in e["case_id"] for e in datalist["training"] + datalist["unlabeled"])
 
 
-def test_brats2020_flat_naming_with_name_mapping(tmp_path, capsys):
-    """BraTS 2020 dropped the HGG/LGG folders; grades come from name_mapping.csv."""
+def test_brats2020_flat_naming_with_name_mapping(dataset, tmp_path, capsys):
+    """BraTS 2020 dropped the HGG/LGG folders; the grades come from name_mapping.csv."""
+    original = dataset("brats2018")
     data = tmp_path / "MICCAI_BraTS2020_TrainingData"
-    rng = np.random.default_rng(0)
+    data.mkdir()
     rows = ["Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,BraTS_2019_subject_ID,BraTS_2020_subject_ID"]
-    for i in range(1, 7):
-        folder = data / f"BraTS20_Training_{i:03d}"
-        _write_folder_case(data, folder, "_", ("t1", "t1ce", "t2", "flair"), True, (1, 2, 4), rng)
-        rows.append(f"{'HGG' if i <= 3 else 'LGG'},NA,NA,NA,{folder.name}")
+    for number, folder in enumerate(sorted(original.glob("?GG/*")), start=1):
+        new_id = f"BraTS20_Training_{number:03d}"
+        rename_case(folder, new_id).rename(data / new_id)
+        rows.append(f"{folder.parent.name},NA,{folder.name},NA,{new_id}")
     (data / "name_mapping.csv").write_text("\n".join(rows) + "\n")
+    reference = dataset("brats2018")
+
+    status, stdout, err = run_inprocess(capsys, data, tmp_path / "flat.json")
+    assert status == 0, err
+    datalist = load(tmp_path / "flat.json")
+    assert datalist["layout"] == "brats2018" and len(datalist["training"]) == LABELED
+    assert all(e["t1"] == f"{e['case_id']}/{e['case_id']}_t1.nii.gz" for e in datalist["training"])
+    # Per-fold HGG/LGG counts depend only on the grade counts, so they must equal those of
+    # the same cases in HGG/LGG folders; without the CSV no grades would be shown at all.
+    _, reference_stdout, _ = run_inprocess(capsys, reference, tmp_path / "foldered.json")
+    folds_line = [line for line in stdout.splitlines() if line.startswith("folds:")]
+    assert folds_line == [line for line in reference_stdout.splitlines() if line.startswith("folds:")]
+    assert "HGG" in folds_line[0] and "LGG" in folds_line[0]
+
+
+def test_brats2019_prefix_and_uncompressed_nifti(dataset, tmp_path, capsys):
+    data = dataset("brats2018")
+    for folder in sorted(data.glob("?GG/*")):
+        renamed = rename_case(folder, folder.name.replace("Brats18_", "BraTS19_"))
+        for path in renamed.glob("*.nii.gz"):
+            path.with_suffix("").write_bytes(gzip.decompress(path.read_bytes()))  # x.nii.gz -> x.nii
+            path.unlink()
     out = tmp_path / "datalist.json"
-    status, stdout, err = run_inprocess(capsys, data, out)
+    status, _, err = run_inprocess(capsys, data, out)
     assert status == 0, err
     datalist = load(out)
-    assert datalist["layout"] == "brats2018"
-    # 3 HGG and 3 LGG over 3 folds: stratification puts exactly one of each grade per fold.
-    assert "2 (HGG 1, LGG 1), 2 (HGG 1, LGG 1), 2 (HGG 1, LGG 1)" in stdout
-
-
-def test_brats2019_prefix_and_uncompressed_nifti(tmp_path, capsys):
-    data = tmp_path / "MICCAI_BraTS_2019_Data_Training"
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        folder = data / "LGG" / f"BraTS19_TMC_{i:05d}_1"
-        images, seg = _volumes(rng, (1, 2, 4))
-        for suffix, volume in zip(("t1", "t1ce", "t2", "flair", "seg"), [*images, seg]):
-            write_nifti(folder / f"{folder.name}_{suffix}.nii", volume)
-    out = tmp_path / "datalist.json"
-    assert run_inprocess(capsys, data, out)[0] == 0
-    entry = load(out)["training"][0]
-    assert entry["flair"].startswith("LGG/BraTS19_TMC_") and entry["flair"].endswith("_flair.nii")
+    assert len(datalist["training"]) == LABELED
+    assert all(e["case_id"].startswith("BraTS19_") and e["flair"].endswith("_flair.nii") for e in datalist["training"])
 
 
 def test_explicit_layout_matches_auto(dataset, tmp_path, capsys):
@@ -365,7 +342,7 @@ def test_shape_mismatch_between_modalities_cli(dataset, tmp_path):
     result = run_cli(data, out)
     assert_rejected(
         result.returncode, result.stderr, out,
-        f"{flair.parent.name}: flair has shape (16, 16, 15) but t1/t1ce/t2 have (16, 16, 16)",
+        f"{flair.parent.name}: flair has shape {volume[:, :, :-1].shape} but t1/t1ce/t2 have {volume.shape}",
     )
 
 
@@ -378,7 +355,8 @@ def test_geometry_mismatch_between_modalities(dataset, tmp_path, capsys):
     write_nifti(t2, volume, shifted)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, f"{t2.parent.name}: t2 geometry differs from t1: origin (-6, -8, -8) vs (-8, -8, -8)")
+    lines = assert_rejected(status, err, out, f"{t2.parent.name}: t2 geometry differs from t1: origin (")
+    assert "voxel size" not in lines[0] and "orientation" not in lines[0]  # only the origin moved
 
 
 def test_geometry_within_tolerance_is_accepted(dataset, tmp_path, capsys):
@@ -393,20 +371,28 @@ def test_geometry_within_tolerance_is_accepted(dataset, tmp_path, capsys):
 def test_seg_shape_mismatch(dataset, tmp_path, capsys):
     data = dataset("brats2021")
     seg = brats2021_file(data, 0, "seg")
-    write_nifti(seg, np.zeros((16, 16, 12), np.uint8))
+    volume, affine = read_nifti(seg)
+    write_nifti(seg, volume[:, :12], affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, f"{seg.parent.name}: seg has shape (16, 16, 12) but the images have (16, 16, 16)")
+    assert_rejected(
+        status, err, out, f"{seg.parent.name}: seg has shape {volume[:, :12].shape} but the images have {volume.shape}"
+    )
 
 
 def test_seg_geometry_mismatch(dataset, tmp_path, capsys):
     data = dataset("brats2021")
     seg = brats2021_file(data, 0, "seg")
     volume, affine = read_nifti(seg)
-    write_nifti(seg, volume, np.diag([1.0, 1.0, 2.0, 1.0]) @ affine)
+    write_nifti(seg, volume, affine @ np.diag([1.0, 1.0, 2.0, 1.0]))  # slices twice as thick
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, f"{seg.parent.name}: seg geometry differs from t1: voxel size (1, 1, 2) vs (1, 1, 1)")
+    mm = abs(affine[0, 0])
+    assert_rejected(
+        status, err, out,
+        f"{seg.parent.name}: seg geometry differs from t1: "
+        f"voxel size ({mm:g}, {mm:g}, {2 * mm:g}) vs ({mm:g}, {mm:g}, {mm:g})",
+    )
 
 
 def test_nan_and_inf_voxels(dataset, tmp_path, capsys):
@@ -424,7 +410,8 @@ def test_nan_and_inf_voxels(dataset, tmp_path, capsys):
 def test_all_zero_modality_cli(dataset, tmp_path):
     data = dataset("brats2021")
     t2 = brats2021_file(data, 4, "t2")
-    write_nifti(t2, np.zeros((SIZE,) * 3, np.int16))
+    volume, affine = read_nifti(t2)
+    write_nifti(t2, np.zeros_like(volume), affine)
     out = tmp_path / "datalist.json"
     result = run_cli(data, out)
     assert_rejected(result.returncode, result.stderr, out, f"{t2.parent.name}: t2 is all zeros")
@@ -437,18 +424,22 @@ def test_4d_volume_where_3d_expected(dataset, tmp_path, capsys):
     write_nifti(flair, volume[..., None], affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, f"{flair.parent.name}: flair is 4-D with shape (16, 16, 16, 1), expected a 3-D volume")
+    assert_rejected(
+        status, err, out, f"{flair.parent.name}: flair is 4-D with shape {volume.shape + (1,)}, expected a 3-D volume"
+    )
 
 
 def test_brats2021_label_outside_set(dataset, tmp_path, capsys):
     data = dataset("brats2021")
     seg = brats2021_file(data, 5, "seg")
     volume, affine = read_nifti(seg)
-    volume[volume == 4] = 3  # a 2023-style enhancing label in a 2021 dataset
+    volume[0, 0, 0] = 3  # a 2023-style enhancing label in a 2021 dataset
     write_nifti(seg, volume, affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, f"{seg.parent.name}: seg has label values {{3}} outside the brats2021 set {{0, 1, 2, 4}}")
+    assert_rejected(
+        status, err, out, f"{seg.parent.name}: seg has label values {{3}} outside the brats2021 set {{0, 1, 2, 4}}"
+    )
 
 
 def test_brats2023_label_outside_set(dataset, tmp_path, capsys):
@@ -456,11 +447,13 @@ def test_brats2023_label_outside_set(dataset, tmp_path, capsys):
     folder = case_folders(data, "BraTS-GLI-*")[0]
     seg = folder / f"{folder.name}-seg.nii.gz"
     volume, affine = read_nifti(seg)
-    volume[volume == 3] = 4  # a 2021-style enhancing label in a 2023 dataset
+    volume[0, 0, 0] = 4  # a 2021-style enhancing label in a 2023 dataset
     write_nifti(seg, volume, affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, f"{folder.name}: seg has label values {{4}} outside the brats2023 set {{0, 1, 2, 3}}")
+    assert_rejected(
+        status, err, out, f"{folder.name}: seg has label values {{4}} outside the brats2023 set {{0, 1, 2, 3}}"
+    )
 
 
 def test_non_integer_float_labels(dataset, tmp_path, capsys):
@@ -476,6 +469,19 @@ def test_non_integer_float_labels(dataset, tmp_path, capsys):
     assert_rejected(status, err, out, f"{seg.parent.name}: seg has label values {{0.5}} outside")
 
 
+def test_nan_in_segmentation(dataset, tmp_path, capsys):
+    data = dataset("brats2021")
+    seg = brats2021_file(data, 0, "seg")
+    volume, affine = read_nifti(seg)
+    volume = volume.astype(np.float32)
+    volume[0, 0, 0] = np.nan
+    write_nifti(seg, volume, affine)
+    out = tmp_path / "datalist.json"
+    status, _, err = run_inprocess(capsys, data, out)
+    lines = assert_rejected(status, err, out, f"{seg.parent.name}: seg has 1 NaN/Inf voxels")
+    assert "outside" not in lines[0]  # NaN is reported once, not again as an unexpected label value
+
+
 def test_whole_float_labels_are_accepted(dataset, tmp_path, capsys):
     data = dataset("brats2021")
     seg = brats2021_file(data, 0, "seg")
@@ -489,7 +495,7 @@ def test_msd_label_outside_set(dataset, tmp_path, capsys):
     data = dataset("msd")
     label = data / "labelsTr" / "BRATS_002.nii.gz"
     volume, affine = read_nifti(label)
-    volume[volume == 3] = 4
+    volume[0, 0, 0] = 4  # BraTS numbering in an MSD label
     write_nifti(label, volume, affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
@@ -503,7 +509,7 @@ def test_msd_image_not_4d(dataset, tmp_path, capsys):
     write_nifti(image, volume[..., 0], affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, "BRATS_003: image has shape (16, 16, 16), expected 4-D with 4 channels")
+    assert_rejected(status, err, out, f"BRATS_003: image has shape {volume.shape[:3]}, expected 4-D with 4 channels")
 
 
 def test_msd_image_with_three_channels(dataset, tmp_path, capsys):
@@ -513,7 +519,9 @@ def test_msd_image_with_three_channels(dataset, tmp_path, capsys):
     write_nifti(image, volume[..., :3], affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, "BRATS_003: image has shape (16, 16, 16, 3), expected 4-D with 4 channels")
+    assert_rejected(
+        status, err, out, f"BRATS_003: image has shape {volume.shape[:3] + (3,)}, expected 4-D with 4 channels"
+    )
 
 
 def test_msd_label_not_3d(dataset, tmp_path, capsys):
@@ -523,7 +531,9 @@ def test_msd_label_not_3d(dataset, tmp_path, capsys):
     write_nifti(label, np.stack([volume, volume], axis=-1), affine)
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
-    assert_rejected(status, err, out, "BRATS_001: label is 4-D with shape (16, 16, 16, 2), expected a 3-D volume")
+    assert_rejected(
+        status, err, out, f"BRATS_001: label is 4-D with shape {volume.shape + (2,)}, expected a 3-D volume"
+    )
 
 
 def test_msd_all_zero_channel(dataset, tmp_path, capsys):
@@ -660,7 +670,8 @@ def test_several_bad_cases_one_line_each(dataset, tmp_path, capsys):
     data = dataset("brats2021")
     brats2021_file(data, 0, "t1").unlink()
     brats2021_file(data, 0, "t2").unlink()  # second problem of the same case: same line
-    write_nifti(brats2021_file(data, 2, "flair"), np.zeros((SIZE,) * 3, np.int16))
+    flair = brats2021_file(data, 2, "flair")
+    write_nifti(flair, np.zeros_like(read_nifti(flair)[0]), read_nifti(flair)[1])
     brats2021_file(data, 4, "t1ce").write_bytes(b"garbage")
     out = tmp_path / "datalist.json"
     status, _, err = run_inprocess(capsys, data, out)
@@ -694,7 +705,8 @@ def test_source_data_is_byte_identical_after_runs(dataset, tmp_path, capsys, lay
     bad = tmp_path / "bad"
     shutil.copytree(data, bad)
     seg = next(p for p in sorted(bad.rglob("*.nii.gz")) if "seg" in p.name or "labelsTr" in p.parts)
-    write_nifti(seg, np.full((SIZE,) * 3, 9, np.uint8))  # unexpected labels: must be reported, not fixed
+    volume, affine = read_nifti(seg)
+    write_nifti(seg, np.full_like(volume, 9), affine)  # unexpected labels: must be reported, never fixed
     bad_before = tree_digest(bad)
     assert run_inprocess(capsys, bad, tmp_path / "bad.json")[0] == 1
     assert tree_digest(bad) == bad_before
@@ -716,6 +728,12 @@ def test_out_over_msd_dataset_json_is_refused(dataset, capsys):
     status, _, err = run_inprocess(capsys, data, data / "dataset.json")
     assert status == 2 and "refusing to overwrite" in err
     assert (data / "dataset.json").read_text() == '{"name": "BRATS"}'
+
+
+def test_out_that_is_a_folder_is_refused(dataset, tmp_path, capsys):
+    status, _, err = run_inprocess(capsys, dataset("brats2021"), tmp_path)
+    assert status == prepare.EXIT_USAGE and "is a folder" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_out_inside_dataset_folder_is_allowed(dataset, capsys):
@@ -749,12 +767,15 @@ def test_missing_data_folder(tmp_path, capsys):
     assert_rejected(status, err, out, "is not a folder")
 
 
-def test_cli_success_and_no_torch_import(dataset, tmp_path):
+def test_cli_success_with_relative_paths_and_no_torch_import(dataset, tmp_path):
     data = dataset("brats2018")
-    out = tmp_path / "datalist.json"
-    result = run_cli(data, out, "--seed", "4")
+    result = run_cli(Path(data.name), Path("lists/datalist.json"), "--seed", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "layout:    brats2018" in result.stdout and load(out)["seed"] == 4
+    assert "layout:    brats2018" in result.stdout
+    datalist = load(tmp_path / "lists" / "datalist.json")
+    assert datalist["seed"] == 4
+    assert Path(datalist["dataset_dir"]).is_absolute()  # stored absolute although given relative
+    assert Path(datalist["dataset_dir"]).resolve() == data.resolve()
     probe = "import sys, tools.prepare; print('torch' in sys.modules, 'monai' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert imported.stdout.split() == ["False", "False"]
