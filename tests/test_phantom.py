@@ -171,7 +171,7 @@ def pooled_intensities():
 def test_edema_is_nearly_invisible_on_t1ce_but_clear_on_flair(pooled_intensities):
     p = pooled_intensities
     separability = {m: auc(p["edema", m], p["normal", m]) for m in BRATS_MODALITIES}
-    # Measured at this seed: t1ce ~0.52, flair ~0.985, t2 ~0.94.
+    # Measured at this seed: t1ce 0.57, flair 0.986, t2 0.97 (t1 0.61).
     assert separability["t1ce"] < 0.70
     assert separability["flair"] > 0.95
     assert separability["t2"] > 0.90
@@ -181,7 +181,7 @@ def test_edema_is_nearly_invisible_on_t1ce_but_clear_on_flair(pooled_intensities
 def test_enhancing_tumour_stands_out_only_on_t1ce(pooled_intensities):
     p = pooled_intensities
     separability = {m: auc(p["enhancing", m], p["other_tumour", m]) for m in BRATS_MODALITIES}
-    # Measured at this seed: t1ce ~0.998, t1 ~0.52.
+    # Measured at this seed: t1ce 0.998, t1 0.59 (t2 0.81, flair 0.72).
     assert separability["t1ce"] > 0.97
     assert separability["t1"] < 0.80
     # Enhancing tumour is brighter, not darker, than the rest of the tumour on T1ce.
