@@ -1,0 +1,256 @@
+"""One-command experiments: data → every bundle's training and evaluation per fold → report.
+
+    python -m tools.experiment kdnet --data synthetic --preset quick --out runs/quick
+    python -m tools.experiment kdnet --data /data/BraTS2018 --folds 3 --preset paper --out runs/kd --ablation
+    python -m tools.experiment omni --data synthetic --preset quick --out runs/omni
+
+Every model is trained and evaluated by running its bundle (``monai.bundle run`` with overrides);
+nothing here re-implements their logic. A rerun with the same ``--out`` skips the stages whose
+outputs are complete and resumes an interrupted training from its last epoch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fire
+from tqdm.auto import tqdm
+
+from tools.atomic import write_json_atomic
+from tools.prepare import DatasetError, UsageError
+from tools.presets import Preset, get_preset
+from tools.stages import ROOT, Stage, StageFailed, run_stage
+
+
+@dataclass(frozen=True)
+class Model:
+    """A row of a results table: which bundle trains it, with which override files."""
+
+    name: str
+    bundle: str
+    configs: tuple[str, ...]
+    teacher: str | None = None  # for KD students: the model whose checkpoint is the frozen teacher
+    overrides: dict = field(default_factory=dict)
+
+
+TRAIN = "configs/train.json"
+KDNET_MODELS = (
+    Model("teacher", "teacher", (TRAIN,)),
+    Model("baseline", "teacher", (TRAIN, "configs/baseline.json")),
+    Model("student", "kd_student", (TRAIN,), teacher="teacher"),
+)
+# KD-Net Table 2: the loss-term ablation with 4 and with 0 skip connections.
+KDNET_ABLATION_MODELS = (
+    Model("student_gt_kl", "kd_student", (TRAIN, "configs/ablation_gt_kl.json"), teacher="teacher"),
+    Model("student_gt_kd", "kd_student", (TRAIN, "configs/ablation_gt_kd.json"), teacher="teacher"),
+    Model("teacher_skip0", "teacher", (TRAIN, "configs/skip0.json")),
+    Model("baseline_skip0", "teacher", (TRAIN, "configs/baseline.json", "configs/skip0.json")),
+    Model("student_skip0_gt_kl", "kd_student", (TRAIN, "configs/skip0.json", "configs/ablation_gt_kl.json"), teacher="teacher_skip0"),
+    Model("student_skip0_gt_kd", "kd_student", (TRAIN, "configs/skip0.json", "configs/ablation_gt_kd.json"), teacher="teacher_skip0"),
+    Model("student_skip0", "kd_student", (TRAIN, "configs/skip0.json"), teacher="teacher_skip0"),
+)
+
+
+def model_dir(out: Path, fold: int, model: str) -> Path:
+    return out / f"fold{fold}" / model
+
+
+def model_stages(model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict) -> list[Stage]:
+    """The training and the evaluation stage of ``model`` on ``fold``."""
+    folder = model_dir(out, fold, model.name)
+    overrides = {
+        **preset.bundle,
+        **extra,
+        **model.overrides,
+        "datalist": str(datalist),
+        "fold": fold,
+        "seed": seed,
+        "ckpt_dir": str(folder / "models"),
+        "resume": True,
+    }
+    if model.teacher is not None:
+        overrides["teacher_ckpt"] = str(model_dir(out, fold, model.teacher) / "models" / "model.pt")
+    train = Stage(
+        name=f"fold{fold}/{model.name}/train",
+        bundle=model.bundle,
+        configs=list(model.configs),
+        overrides={**overrides, "output_dir": str(folder / "train")},
+        folder=folder / "train",
+        kind="train",
+        epochs=int(overrides["epochs"]),
+    )
+    evaluate = Stage(
+        name=f"fold{fold}/{model.name}/evaluate",
+        bundle=model.bundle,
+        configs=list(model.configs) + ["configs/evaluate.json"],
+        overrides={**overrides, "output_dir": str(folder / "evaluate")},
+        folder=folder / "evaluate",
+        kind="evaluate",
+        done_file=folder / "evaluate" / "summary.json",
+    )
+    return [train, evaluate]
+
+
+def prepare_data(data: str, out: Path, preset: Preset, folds: int, seed: int, need_unlabeled: bool) -> Path:
+    """Write (or reuse) ``out/datalist.json``; for ``synthetic``, first generate the phantom in ``out/data``."""
+    from tools import phantom, prepare
+
+    datalist = out / "datalist.json"
+    if datalist.exists():
+        return datalist
+    if data == "synthetic":
+        data_dir = out / "data"
+        if data_dir.exists():
+            # An interrupted generation (no datalist yet): the folder is ours and incomplete.
+            shutil.rmtree(data_dir)
+        phantom.write_dataset(
+            data_dir,
+            layout="brats2021",
+            cases=preset.phantom_cases,
+            unlabeled=preset.phantom_unlabeled if need_unlabeled else 0,
+            size=preset.phantom_size,
+            seed=seed,
+        )
+    else:
+        data_dir = Path(data).expanduser().resolve()
+    prepare.prepare(data_dir, datalist, folds=folds, seed=seed)
+    return datalist
+
+
+def environment() -> dict:
+    """Versions and the git commit, recorded with every experiment."""
+    import monai
+    import numpy
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def run_stages(stages: list[Stage], out: Path) -> dict:
+    """Run the unfinished stages in order with progress bars; record wall times in ``stages.json``."""
+    records_file = out / "stages.json"
+    import json
+
+    records = json.loads(records_file.read_text()) if records_file.exists() else {}
+    with tqdm(total=len(stages), desc="stages", unit="stage", file=sys.stderr) as overall:
+        for stage in stages:
+            overall.set_postfix_str(stage.name)
+            if stage.is_done():
+                records.setdefault(stage.name, {})["status"] = "done"
+                overall.update()
+                continue
+            epochs = tqdm(total=stage.epochs, desc=stage.name, unit="epoch", leave=False, file=sys.stderr) if stage.kind == "train" else None
+            try:
+                seconds = run_stage(stage, on_epoch=(lambda n: epochs.update(n - epochs.n)) if epochs else None)
+            finally:
+                if epochs is not None:
+                    epochs.close()
+            records[stage.name] = {
+                "status": "done",
+                "seconds": round(seconds, 1),
+                "finished": dt.datetime.now().isoformat(timespec="seconds"),
+            }
+            write_json_atomic(records_file, records)
+            overall.update()
+    write_json_atomic(records_file, records)
+    return records
+
+
+def _start(kind: str, data: str, out: str, preset: str, folds: int | None, seed: int, args: dict) -> tuple[Path, Preset, int]:
+    chosen = get_preset(preset)
+    num_folds = int(folds) if folds is not None else chosen.folds
+    if num_folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {num_folds}")
+    root = Path(out).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        root / "experiment.json",
+        {
+            "experiment": kind,
+            "command": " ".join([Path(sys.executable).name, "-m", "tools.experiment", *sys.argv[1:]]),
+            "data": data,
+            "folds": num_folds,
+            "seed": seed,
+            "preset": asdict(chosen),
+            "options": args,
+            "environment": environment(),
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+        },
+    )
+    return root, chosen, num_folds
+
+
+def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick", folds: int | None = None,
+          seed: int = 0, ablation: bool = False, teacher_mode: str = "online") -> str:
+    """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
+
+    Args:
+        data: a BraTS folder (any layout ``tools.prepare`` knows) or ``synthetic`` for the built-in phantom.
+        out: experiment folder; rerunning with the same folder resumes.
+        preset: ``smoke`` (tests), ``quick`` (CPU minutes), ``paper`` (KD-Net's settings, for a GPU).
+        folds: cross-validation folds (default: the preset's).
+        seed: seed of the phantom, the split, initialisation and augmentation.
+        ablation: also train the Table 2 variants (GT+KL, GT+KD; 0 skip connections).
+        teacher_mode: ``online`` (teacher run on every batch) or ``cached`` (precomputed targets).
+    """
+    if teacher_mode not in ("online", "cached"):
+        raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
+    root, chosen, num_folds = _start("kdnet", data, out, preset, folds, seed, {"ablation": ablation, "teacher_mode": teacher_mode})
+    start = time.monotonic()
+    datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
+    models = KDNET_MODELS + (KDNET_ABLATION_MODELS if ablation else ())
+    stages = []
+    for fold in range(num_folds):
+        for model in models:
+            extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
+            stages += model_stages(model, root, fold, datalist, chosen, seed, extra)
+    run_stages(stages, root)
+    from tools.report import write_report
+
+    report = write_report(root)
+    print(f"report: {report} ({time.monotonic() - start:.0f} s)")
+    return str(report)
+
+
+def main() -> None:
+    try:
+        fire.Fire({"kdnet": kdnet}, name="python -m tools.experiment")
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except DatasetError as err:
+        for line in err.lines:
+            print(line, file=sys.stderr)
+        print(f"{err.summary}; no datalist written", file=sys.stderr)
+        sys.exit(1)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Experiment report: KD-Net / Lachinov-style tables, per-case CSV, summary JSON and figures.
+
+Reads what the bundles wrote under an experiment folder (``fold<k>/<model>/evaluate`` for metrics
+and predictions, ``fold<k>/<model>/train`` for TensorBoard logs) and writes ``report.md`` with
+PNG figures next to it. ``python -m tools.report --out DIR`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import fire
+
+from tools.atomic import write_json_atomic, write_text_atomic
+
+REGIONS = ("et", "tc", "wt")  # the papers' column order
+METRICS = tuple(f"dice_{r}" for r in REGIONS) + tuple(f"hd95_{r}" for r in REGIONS)
+
+# Table rows: (model folder name, label, skip connections, loss) in the papers' order.
+TABLE1 = (("baseline", "Baseline (T1ce)"), ("teacher", "Teacher (4 modalities)"), ("student", "KD-Net student (T1ce)"))
+TABLE2 = (
+    ("baseline", "4", "Baseline", "GT"),
+    ("teacher", "4", "Teacher", "GT"),
+    ("student_gt_kl", "4", "KD-Net", "GT+KL"),
+    ("student_gt_kd", "4", "KD-Net", "GT+KD"),
+    ("student", "4", "KD-Net", "GT+KL+KD"),
+    ("baseline_skip0", "0", "Baseline", "GT"),
+    ("teacher_skip0", "0", "Teacher", "GT"),
+    ("student_skip0_gt_kl", "0", "KD-Net", "GT+KL"),
+    ("student_skip0_gt_kd", "0", "KD-Net", "GT+KD"),
+    ("student_skip0", "0", "KD-Net", "GT+KL+KD"),
+)
+OMNI_TABLE = (
+    ("member_unet", "UNet (No New-Net)"),
+    ("member_resunet", "Res UNet"),
+    ("member_cascade", "Cascaded UNet"),
+    ("ensemble", "Ensemble (mean of 3)"),
+    ("manual_student", "Res UNet, manual labels only"),
+    ("omni_student", "Distilled (manual + pseudo labels)"),
+)
+
+
+def fold_dirs(out: Path) -> list[Path]:
+    return sorted((p for p in out.glob("fold*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+
+
+def read_case_metrics(evaluate_dir: Path) -> dict[str, dict[str, float]]:
+    """Per-case metrics from MetricsSaver's ``<metric>_raw.csv`` files: ``{case_id: {metric: value}}``."""
+    cases: dict[str, dict[str, float]] = {}
+    for metric in METRICS:
+        raw = evaluate_dir / f"{metric}_raw.csv"
+        if not raw.exists():
+            continue
+        with raw.open(newline="") as f:
+            header, *rows = list(csv.reader(f))
+        for row in rows:
+            cases.setdefault(row[0], {})[metric] = float(row[1])
+    return cases
+
+
+def collect(out: Path) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """``{model: {fold: {case_id: {metric: value}}}}`` for every evaluated model."""
+    results: dict[str, dict[int, dict]] = {}
+    for fold_dir in fold_dirs(out):
+        fold = int(fold_dir.name[4:])
+        for evaluate_dir in sorted(fold_dir.glob("*/evaluate")):
+            if (evaluate_dir / "summary.json").exists():
+                results.setdefault(evaluate_dir.parent.name, {})[fold] = read_case_metrics(evaluate_dir)
+    return results
+
+
+def fold_means(per_fold: dict[int, dict[str, dict[str, float]]], metric: str) -> list[float]:
+    """One number per fold: the mean of ``metric`` over that fold's test cases."""
+    means = []
+    for cases in per_fold.values():
+        values = [c[metric] for c in cases.values() if metric in c and math.isfinite(c[metric])]
+        if values:
+            means.append(statistics.fmean(values))
+    return means
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {metric: {mean, std, folds}}}``: mean ± std over folds of the per-fold means."""
+    table = {}
+    for model, per_fold in results.items():
+        table[model] = {}
+        for metric in METRICS:
+            m, s = mean_std(fold_means(per_fold, metric))
+            table[model][metric] = {"mean": m, "std": s, "folds": len(fold_means(per_fold, metric))}
+    return table
+
+
+def _cell(stats: dict[str, float], digits: int) -> str:
+    if not math.isfinite(stats["mean"]):
+        return "–"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown_table(rows, agg: dict, first_columns: tuple[str, ...]) -> str:
+    """Rows ``(model, *first column values)``; Dice (0–1) and HD95 (mm) columns as mean ± std over folds."""
+    header = list(first_columns) + [f"Dice {r.upper()}" for r in REGIONS] + [f"HD95 {r.upper()} (mm)" for r in REGIONS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, *labels in rows:
+        if model not in agg:
+            continue
+        cells = [_cell(agg[model][f"dice_{r}"], 3) for r in REGIONS] + [_cell(agg[model][f"hd95_{r}"], 1) for r in REGIONS]
+        lines.append("| " + " | ".join(list(labels) + cells) + " |")
+    return "\n".join(lines)
+
+
+def write_per_case_csv(results: dict, path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "fold", "case_id", *METRICS])
+    for model in sorted(results):
+        for fold in sorted(results[model]):
+            for case_id, metrics in sorted(results[model][fold].items()):
+                writer.writerow([model, fold, case_id, *(metrics.get(m, "") for m in METRICS)])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_report(out: str | Path) -> Path:
+    """Build ``report.md``, ``summary.json``, ``per_case.csv`` and the figures in ``out``; return the report path."""
+    from tools import figures
+
+    out = Path(out)
+    experiment = json.loads((out / "experiment.json").read_text()) if (out / "experiment.json").exists() else {}
+    stages = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
+    results = collect(out)
+    if not results:
+        raise FileNotFoundError(f"no evaluated model under {out} (expected fold<k>/<model>/evaluate/summary.json)")
+    agg = aggregate(results)
+    write_json_atomic(out / "summary.json", {"aggregate": agg, "folds": {m: sorted(r) for m, r in results.items()}, "experiment": experiment})
+    write_per_case_csv(results, out / "per_case.csv")
+
+    sections = [f"# {experiment.get('experiment', 'brats-kd')} experiment report", ""]
+    env = experiment.get("environment", {})
+    preset = experiment.get("preset", {})
+    sections += [
+        f"- command: `{experiment.get('command', '?')}`",
+        f"- data: {experiment.get('data', '?')}; folds: {experiment.get('folds', '?')}; seed: {experiment.get('seed', '?')}; preset: {preset.get('name', '?')}",
+        f"- bundle settings: `{json.dumps(preset.get('bundle', {}))}`",
+        f"- versions: python {env.get('python')}, torch {env.get('torch')}, monai {env.get('monai')}, numpy {env.get('numpy')}; device: {env.get('device')}",
+        f"- git commit: `{env.get('git_commit')}`{' (with uncommitted changes)' if env.get('git_dirty') else ''}",
+        "- Dice in [0, 1] and HD95 in mm, computed per case in the original geometry with the BraTS empty-mask rules;"
+        " each cell is the mean ± standard deviation over folds of the per-fold mean over that fold's test cases.",
+        "",
+    ]
+    if any(m in agg for m, _ in TABLE1):
+        sections += ["## KD-Net Table 1: teacher, baseline and student", "", markdown_table(TABLE1, agg, ("Model",)), ""]
+    if any(m in agg for m, *_ in TABLE2[2:4] + TABLE2[5:]):
+        sections += ["## KD-Net Table 2: loss-term ablation, 4 and 0 skip connections", "",
+                     markdown_table(TABLE2, agg, ("Skip connections", "Model", "Loss")), ""]
+    if any(m in agg for m, _ in OMNI_TABLE):
+        sections += ["## Lachinov et al.: ensemble, pseudo labels and distilled student", "", markdown_table(OMNI_TABLE, agg, ("Method",)), ""]
+
+    pictures = figures.draw_all(out, results, agg)
+    if pictures:
+        sections += ["## Figures", ""]
+        for title, path in pictures:
+            sections += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    if stages:
+        total = sum(r.get("seconds", 0) for r in stages.values())
+        sections += ["## Stages", "", f"Wall time of the stages run: {total / 60:.1f} min. Each stage's folder holds its "
+                     "merged config (`config.json`), overrides and log.", "", "| stage | wall time (s) |", "|---|---|"]
+        sections += [f"| {name} | {r.get('seconds', '(earlier run)')} |" for name, r in stages.items()]
+        sections.append("")
+    report = out / "report.md"
+    write_text_atomic(report, "\n".join(sections))
+    return report
+
+
+if __name__ == "__main__":
+    fire.Fire(write_report, name="python -m tools.report")

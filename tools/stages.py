@@ -1,0 +1,123 @@
+"""One stage of an experiment = one ``monai.bundle run`` of a bundle, in its own process.
+
+Stages run the bundles themselves (never a re-implementation of their logic). Each stage has a
+folder holding its overrides, the merged config it ran with, and its log. Whether a stage is
+finished is read from its outputs (a training's checkpoint at the requested epoch, an
+evaluation's summary), so a rerun of an interrupted experiment skips finished stages and lets an
+unfinished training resume from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tools.atomic import write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ROOT / "bundles"
+EPOCH_DONE = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
+
+
+class StageFailed(RuntimeError):
+    """A bundle run exited non-zero; the message names the stage and points at its log."""
+
+
+@dataclass
+class Stage:
+    """A bundle run: ``configs`` of ``bundle`` merged with ``overrides``, outputs under ``folder``.
+
+    ``kind`` is ``"train"`` (finished when ``<ckpt_dir>/checkpoint.pt`` holds ``epochs`` epochs),
+    or ``"evaluate"`` / ``"infer"`` / ``"pseudo"`` (finished when ``done_file`` exists; bundles write
+    it atomically as their last act).
+    """
+
+    name: str
+    bundle: str
+    configs: list[str]
+    overrides: dict
+    folder: Path
+    kind: str
+    done_file: Path | None = None
+    epochs: int = 0
+    seconds: float | None = field(default=None, compare=False)
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "log.txt"
+
+    def is_done(self) -> bool:
+        if self.kind == "train":
+            return trained_epochs(Path(self.overrides["ckpt_dir"])) >= self.epochs
+        return self.done_file is not None and self.done_file.exists()
+
+
+def trained_epochs(ckpt_dir: Path) -> int:
+    """Epochs recorded in a training's resume checkpoint (0 if there is none or no model yet)."""
+    checkpoint, model = ckpt_dir / "checkpoint.pt", ckpt_dir / "model.pt"
+    if not (checkpoint.exists() and model.exists()):
+        return 0
+    import torch  # deferred: listing stages should not pay for importing torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(state.get("trainer", {}).get("epoch", 0))
+
+
+def merged_config(stage: Stage) -> dict:
+    """The configuration the stage runs with: its config files merged, then its overrides."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / stage.bundle / c) for c in stage.configs])
+    for key, value in stage.overrides.items():
+        parser[key] = value
+    return parser.config
+
+
+def run_stage(stage: Stage, on_epoch=None) -> float:
+    """Run ``stage`` to completion and return its wall time in seconds.
+
+    The merged config is saved as ``config.json`` and the output as ``log.txt`` in the stage's
+    folder. ``on_epoch(n)`` is called each time the trainer completes epoch ``n``.
+    Raises ``StageFailed`` (with the end of the log) when the bundle exits non-zero.
+    """
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    overrides_file = stage.folder / "overrides.json"
+    write_json_atomic(overrides_file, stage.overrides)
+    write_json_atomic(stage.folder / "config.json", merged_config(stage))
+    bundle_dir = BUNDLES / stage.bundle
+    config_files = [str(bundle_dir / c) for c in stage.configs] + [str(overrides_file)]
+    command = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", json.dumps(config_files),
+        "--bundle_root", str(bundle_dir),
+        "--logging_file", str(bundle_dir / "configs" / "logging.conf"),
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.monotonic()
+    tail: deque[str] = deque(maxlen=25)
+    with stage.log_file.open("a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        process = subprocess.Popen(
+            command, cwd=bundle_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in process.stdout:
+            log.write(line)
+            tail.append(line.rstrip())
+            match = EPOCH_DONE.search(line)
+            if match and on_epoch is not None:
+                on_epoch(int(match.group(1)))
+        code = process.wait()
+    seconds = time.monotonic() - start
+    if code != 0:
+        raise StageFailed(
+            f"stage {stage.name} failed (exit code {code}); full log: {stage.log_file}\n" + "\n".join(tail)
+        )
+    return seconds
