@@ -26,14 +26,19 @@ class _AtomicDiskSaver(DiskSaver):
     """Ignite ``DiskSaver`` that writes through a temporary file and ``os.replace``.
 
     With a fixed ``filename`` the old file is never deleted first: the atomic replace swaps it, so
-    a reader always finds either the previous checkpoint or the new one.
+    a reader always finds either the previous checkpoint or the new one. Ignite saves the bare
+    state dict when ``save_dict`` holds one object; ``key`` puts it back under its name (e.g.
+    ``{"model": state_dict}``), the format the bundles document and load.
     """
 
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
+    def __init__(self, dirname: str, filename: str | None = None, key: str | None = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        self.key = key
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if self.key is not None:
+            checkpoint = {self.key: checkpoint}
         super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
@@ -48,16 +53,19 @@ class AtomicCheckpointSaver(CheckpointSaver):
     interval (resume) checkpoint, atomically replaced at every save. ``state_dict`` / ``load_state_dict`` carry the
     best key-metric score, so put this handler into the full (resume) checkpoint's ``save_dict``:
     after a resume, ``model.pt`` is only replaced by a model that beats the best one so far.
+    Files always map names to state dicts, even for one object: ``{"model": state_dict}``.
     """
 
     def __init__(self, *args, interval_filename: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        key = next(iter(self.save_dict)) if len(self.save_dict) == 1 else None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=checkpoint.save_handler.filename)
+                filename = checkpoint.save_handler.filename
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=filename, key=key)
         if self._interval_checkpoint is not None:
             # A fixed name (e.g. "checkpoint.pt") lets a resume find the latest state without a search.
-            self._interval_checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=interval_filename)
+            self._interval_checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=interval_filename, key=key)
 
     def state_dict(self) -> OrderedDict:
         if self._key_metric_checkpoint is None:
