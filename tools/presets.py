@@ -54,6 +54,8 @@ PRESETS = {
         bundle={
             "epochs": 80,
             "val_interval": 1,
+            # The brain of a size-64 phantom spans about 40x48x36 voxels: crop to it, then resize.
+            "crop_size": [48, 52, 40],
             "spatial_size": [32, 32, 32],
             "filters": [8, 16, 32, 64, 128],
             "batch_size": 2,
