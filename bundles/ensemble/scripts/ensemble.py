@@ -1,0 +1,56 @@
+"""Flip test-time augmentation for MONAI's ``EnsembleEvaluator``.
+
+The ensemble is evaluated with MONAI's own pieces: ``EnsembleEvaluator`` runs every network of a
+list through the same (sliding-window) inferer and stores each output under its own key, and
+``MeanEnsembled`` averages the members' sigmoid outputs. MONAI has no exhaustive flip
+test-time augmentation (``TestTimeAugmentation`` samples *random* transforms), so flips enter the
+same mechanism as extra "networks": :class:`Flipped` wraps a member so that it sees the mirrored
+input and returns its output mirrored back. With every member wrapped once per flip, the mean of
+all the sigmoid outputs is the mean over members of each member's flip-averaged output (every
+member gets the same number of flips, hence the same weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Flipped", "flip_variants"]
+
+
+class Flipped(nn.Module):
+    """``network`` applied to the input mirrored along ``spatial_axes``, its output mirrored back.
+
+    ``spatial_axes`` count spatial dimensions only (0 = first axis after the channel), as in
+    MONAI's ``Flip``; an empty sequence makes the wrapper the identity around ``network``. The
+    wrapped network is shared, not copied: loading a checkpoint into it updates every wrapper.
+    Used inside a sliding-window inferer, each window is mirrored, which is the same flip of the
+    image content as mirroring the whole volume.
+    """
+
+    def __init__(self, network: nn.Module, spatial_axes: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.network = network
+        self.spatial_axes = tuple(int(a) for a in spatial_axes)
+        if any(a < 0 for a in self.spatial_axes) or len(set(self.spatial_axes)) != len(self.spatial_axes):
+            raise ValueError(f"spatial_axes must be distinct non-negative axes, got {list(spatial_axes)}.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.spatial_axes:
+            return self.network(x)
+        if max(self.spatial_axes) >= x.dim() - 2:
+            raise ValueError(f"cannot flip spatial axes {list(self.spatial_axes)} of an input of shape {list(x.shape)}.")
+        dims = [a + 2 for a in self.spatial_axes]  # skip batch and channel
+        return torch.flip(self.network(torch.flip(x, dims)), dims)
+
+
+def flip_variants(tta: bool, spatial_axes: Sequence[int] = (0, 1)) -> list[list[int]]:
+    """The flips of the test-time augmentation: ``[[]]`` without TTA; with TTA every subset of
+    ``spatial_axes`` (default the two in-plane axes: none, x, y, x+y, the paper's 4 mirrorings)."""
+    variants: list[list[int]] = [[]]
+    if tta:
+        for axis in spatial_axes:
+            variants += [v + [int(axis)] for v in variants]
+    return variants
