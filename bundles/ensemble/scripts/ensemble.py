@@ -12,12 +12,12 @@ member gets the same number of flips, hence the same weight).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Flipped", "flip_variants"]
+__all__ = ["Flipped", "flip_variants", "flipped_members"]
 
 
 class Flipped(nn.Module):
@@ -54,3 +54,12 @@ def flip_variants(tta: bool, spatial_axes: Sequence[int] = (0, 1)) -> list[list[
         for axis in spatial_axes:
             variants += [v + [int(axis)] for v in variants]
     return variants
+
+
+def flipped_members(members: Mapping[str, nn.Module], names: Sequence[str], flips: Sequence[Sequence[int]]) -> list[nn.Module]:
+    """The network list of the ensemble evaluator: member ``names[0]`` under every flip, then
+    ``names[1]``... (the order of the config's ``ensemble_pred_keys``)."""
+    unknown = [name for name in names if name not in members]
+    if unknown:
+        raise ValueError(f"unknown ensemble member(s) {unknown}; known: {sorted(members)}.")
+    return [Flipped(members[name], axes) for name in names for axes in flips]
