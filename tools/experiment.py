@@ -62,18 +62,22 @@ def model_dir(out: Path, fold: int, model: str) -> Path:
     return out / f"fold{fold}" / model
 
 
-def model_stages(model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict) -> list[Stage]:
-    """The training and the evaluation stage of ``model`` on ``fold``."""
+def model_stages(model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict,
+                 shared: bool = True) -> list[Stage]:
+    """The training and the evaluation stage of ``model`` on ``fold``.
+
+    ``shared``: apply all of the preset's bundle settings (the KD-Net bundles); otherwise only ``extra``.
+    """
     folder = model_dir(out, fold, model.name)
     overrides = {
-        **preset.bundle,
+        **(preset.bundle if shared else {}),
         **extra,
-        **model.overrides,
         "datalist": str(datalist),
         "fold": fold,
         "seed": seed,
         "ckpt_dir": str(folder / "models"),
         "resume": True,
+        **model.overrides,  # last: a model may train on another datalist or keep its weights elsewhere
     }
     if model.teacher is not None:
         overrides["teacher_ckpt"] = str(model_dir(out, fold, model.teacher) / "models" / "model.pt")
@@ -96,6 +100,22 @@ def model_stages(model: Model, out: Path, fold: int, datalist: Path, preset: Pre
         done_file=folder / "evaluate" / "summary.json",
     )
     return [train, evaluate]
+
+
+def teacher_cache_stage(model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict) -> Stage:
+    """``teacher_mode: cached``: the stage storing the targets of KD student ``model``'s teacher in
+    ``extra["teacher_cache_dir"]``, with the student training's own settings; run before that training."""
+    train = model_stages(model, out, fold, datalist, preset, seed, extra)[0]
+    cache_dir = Path(extra["teacher_cache_dir"])
+    return Stage(
+        name=f"fold{fold}/{model.teacher}/teacher_cache",
+        bundle=model.bundle,
+        configs=train.configs + ["configs/cache_teacher.json"],
+        overrides={**train.overrides, "output_dir": str(cache_dir)},
+        folder=cache_dir,
+        kind="infer",
+        done_file=cache_dir / "summary.json",  # written last by the cache step
+    )
 
 
 def prepare_data(data: str, out: Path, preset: Preset, folds: int, seed: int, need_unlabeled: bool) -> Path:
@@ -224,7 +244,82 @@ def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick
     for fold in range(num_folds):
         for model in models:
             extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
+            if model.teacher is not None and teacher_mode == "cached":
+                # one cache per teacher and fold, shared by the students of that teacher
+                extra["teacher_cache_dir"] = str(model_dir(root, fold, model.teacher) / "teacher_cache")
+                cache = teacher_cache_stage(model, root, fold, datalist, chosen, seed, extra)
+                stages += [cache] if cache.name not in {s.name for s in stages} else []
             stages += model_stages(model, root, fold, datalist, chosen, seed, extra)
+    run_stages(stages, root)
+    from tools.report import write_report
+
+    report = write_report(root)
+    print(f"report: {report} ({time.monotonic() - start:.0f} s)")
+    return str(report)
+
+
+MEMBERS = ("unet", "resunet", "cascade")
+# Values of the preset's bundle settings that the patch-based bundles (ensemble, omni_student) share.
+SHARED_TRAINING_KEYS = ("epochs", "val_interval", "batch_size", "num_workers", "learning_rate", "lr_patience")
+
+
+def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int) -> list[Stage]:
+    """Lachinov et al. on one fold: members, ensemble, pseudo-labels, omni-student, manual-only student."""
+    fold_dir = root / f"fold{fold}"
+    models_dir = fold_dir / "ensemble_models"
+    common = {
+        **{k: v for k, v in preset.bundle.items() if k in SHARED_TRAINING_KEYS},
+        **preset.patch_bundle,
+        "datalist": str(datalist),
+        "fold": fold,
+        "seed": seed,
+        "resume": True,
+    }
+    stages = []
+    for member in MEMBERS:
+        stages += model_stages(
+            Model(f"member_{member}", "ensemble", (TRAIN, f"configs/member_{member}.json"),
+                  overrides={"models_dir": str(models_dir), "ckpt_dir": str(models_dir / member)}),
+            root, fold, datalist, preset, seed, extra=common, shared=False,
+        )
+    ensemble = fold_dir / "ensemble" / "evaluate"
+    stages.append(Stage(
+        name=f"fold{fold}/ensemble/evaluate", bundle="ensemble",
+        configs=[TRAIN, "configs/evaluate.json", "configs/evaluate_ensemble.json"],
+        overrides={**common, "models_dir": str(models_dir), "output_dir": str(ensemble)},
+        folder=ensemble, kind="evaluate", done_file=ensemble / "summary.json",
+    ))
+    pseudo_dir = fold_dir / "pseudo_labels"
+    combined = pseudo_dir / "datalist.json"
+    stages.append(Stage(
+        name=f"fold{fold}/pseudo_label", bundle="ensemble",
+        configs=["configs/inference.json", "configs/pseudo_label.json"],
+        overrides={**common, "models_dir": str(models_dir), "pseudo_label_dir": str(pseudo_dir),
+                   "combined_datalist": str(combined)},
+        folder=fold_dir / "pseudo_label", kind="pseudo", done_file=combined,
+    ))
+    stages += model_stages(Model("omni_student", "omni_student", (TRAIN,), overrides={"datalist": str(combined)}),
+                           root, fold, datalist, preset, seed, extra=common, shared=False)
+    stages += model_stages(Model("manual_student", "omni_student", (TRAIN,)),
+                           root, fold, datalist, preset, seed, extra=common, shared=False)
+    return stages
+
+
+def omni(data: str = "synthetic", out: str = "runs/omni", preset: str = "quick", folds: int | None = None,
+         seed: int = 0) -> str:
+    """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
+
+    Args:
+        data: a BraTS folder with unlabeled cases (no seg file) or ``synthetic`` for the built-in phantom.
+        out: experiment folder; rerunning with the same folder resumes.
+        preset: ``smoke`` (tests), ``quick`` (CPU minutes), ``paper`` (for a GPU).
+        folds: cross-validation folds (default: the preset's).
+        seed: seed of the phantom, the split, initialisation and augmentation.
+    """
+    root, chosen, num_folds = _start("omni", data, out, preset, folds, seed, {})
+    start = time.monotonic()
+    datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
+    stages = [stage for fold in range(num_folds) for stage in omni_stages(root, fold, datalist, chosen, seed)]
     run_stages(stages, root)
     from tools.report import write_report
 
@@ -235,7 +330,7 @@ def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick
 
 def main() -> None:
     try:
-        fire.Fire({"kdnet": kdnet}, name="python -m tools.experiment")
+        fire.Fire({"kdnet": kdnet, "omni": omni}, name="python -m tools.experiment")
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -33,7 +33,7 @@ PRESETS = {
         folds=2,
         phantom_cases=8,
         phantom_unlabeled=2,
-        phantom_size=24,
+        phantom_size=32,
         bundle={
             "epochs": 1,
             "val_interval": 1,
@@ -43,7 +43,13 @@ PRESETS = {
             "num_workers": 0,
             "learning_rate": 1e-3,
         },
-        patch_bundle={"roi_size": [16, 16, 16]},
+        patch_bundle={
+            "roi_size": [32, 32, 32],
+            "unet_features": [4, 4, 8, 16, 32, 4],
+            "resunet_init_filters": 8,
+            "init_filters": 8,
+            "cascade_features": [4, 8, 16, 32],
+        },
     ),
     "quick": Preset(
         name="quick",
@@ -63,7 +69,13 @@ PRESETS = {
             "learning_rate": 1e-3,
             "lr_patience": 20,
         },
-        patch_bundle={"roi_size": [32, 32, 32]},
+        patch_bundle={
+            "roi_size": [32, 32, 32],
+            "unet_features": [8, 8, 16, 32, 64, 8],
+            "resunet_init_filters": 8,
+            "init_filters": 8,
+            "cascade_features": [8, 16, 32, 64],
+        },
     ),
     "paper": Preset(
         name="paper",
