@@ -197,11 +197,24 @@ def run_stages(stages: list[Stage], out: Path) -> dict:
     return records
 
 
-def _start(kind: str, data: str, out: str, preset: str, folds: int | None, seed: int, args: dict) -> tuple[Path, Preset, int]:
+def folds_to_run(num_folds: int, run_folds) -> list[int]:
+    """All folds, or the subset ``run_folds`` (e.g. one fold per machine; the report covers what exists)."""
+    if run_folds is None:
+        return list(range(num_folds))
+    chosen = sorted({int(f) for f in (run_folds if isinstance(run_folds, (list, tuple)) else [run_folds])})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= num_folds:
+        raise ValueError(f"--run_folds must name folds in [0, {num_folds - 1}], got {run_folds!r}")
+    return chosen
+
+
+def _start(kind: str, data: str, out: str, preset: str, folds: int | None, seed: int, run_folds,
+           args: dict) -> tuple[Path, Preset, int, list[int]]:
+    """Check the arguments (before anything is written), create ``out`` and record the experiment."""
     chosen = get_preset(preset)
     num_folds = int(folds) if folds is not None else chosen.folds
     if num_folds < 2:
         raise ValueError(f"--folds must be at least 2, got {num_folds}")
+    fold_list = folds_to_run(num_folds, run_folds)
     root = Path(out).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -218,11 +231,11 @@ def _start(kind: str, data: str, out: str, preset: str, folds: int | None, seed:
             "started": dt.datetime.now().isoformat(timespec="seconds"),
         },
     )
-    return root, chosen, num_folds
+    return root, chosen, num_folds, fold_list
 
 
 def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick", folds: int | None = None,
-          seed: int = 0, ablation: bool = False, teacher_mode: str = "online") -> str:
+          seed: int = 0, ablation: bool = False, teacher_mode: str = "online", run_folds=None) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
     Args:
@@ -233,15 +246,17 @@ def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick
         seed: seed of the phantom, the split, initialisation and augmentation.
         ablation: also train the Table 2 variants (GT+KL, GT+KD; 0 skip connections).
         teacher_mode: ``online`` (teacher run on every batch) or ``cached`` (precomputed targets).
+        run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
     """
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
-    root, chosen, num_folds = _start("kdnet", data, out, preset, folds, seed, {"ablation": ablation, "teacher_mode": teacher_mode})
+    root, chosen, num_folds, fold_list = _start("kdnet", data, out, preset, folds, seed, run_folds,
+                                                {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds})
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
     models = KDNET_MODELS + (KDNET_ABLATION_MODELS if ablation else ())
     stages = []
-    for fold in range(num_folds):
+    for fold in fold_list:
         for model in models:
             extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
             if model.teacher is not None and teacher_mode == "cached":
@@ -306,7 +321,7 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
 
 
 def omni(data: str = "synthetic", out: str = "runs/omni", preset: str = "quick", folds: int | None = None,
-         seed: int = 0) -> str:
+         seed: int = 0, run_folds=None) -> str:
     """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
 
     Args:
@@ -315,11 +330,12 @@ def omni(data: str = "synthetic", out: str = "runs/omni", preset: str = "quick",
         preset: ``smoke`` (tests), ``quick`` (CPU minutes), ``paper`` (for a GPU).
         folds: cross-validation folds (default: the preset's).
         seed: seed of the phantom, the split, initialisation and augmentation.
+        run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
     """
-    root, chosen, num_folds = _start("omni", data, out, preset, folds, seed, {})
+    root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, {"run_folds": run_folds})
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
-    stages = [stage for fold in range(num_folds) for stage in omni_stages(root, fold, datalist, chosen, seed)]
+    stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed)]
     run_stages(stages, root)
     from tools.report import write_report
 

@@ -1,0 +1,147 @@
+"""End-to-end tests of the experiment runner: `smoke` presets of both experiments, resumption, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from tests.bundle_imports import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_experiment(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.experiment", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def table_rows(report: str, heading: str) -> dict[str, list[str]]:
+    """``{first cell: other cells}`` of the markdown table under ``heading``."""
+    section = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def dice_values(cells: list[str]) -> list[float]:
+    """The mean and the std of the three Dice columns (the first three cells after the label columns)."""
+    values = []
+    for cell in cells[:3]:
+        mean, std = re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", cell).groups()
+        values += [float(mean), float(std)]
+    return values
+
+
+@pytest.fixture(scope="module")
+def kdnet_smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kdnet") / "run"
+    result = run_experiment("kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_kdnet_report_has_table1_rows_with_dice_in_unit_interval(kdnet_smoke):
+    report = (kdnet_smoke / "report.md").read_text()
+    rows = table_rows(report, "## KD-Net Table 1")
+    assert set(rows) == {"Baseline (T1ce)", "Teacher (4 modalities)", "KD-Net student (T1ce)"}
+    for cells in rows.values():
+        assert all(0.0 <= v <= 1.0 for v in dice_values(cells)), cells
+        hd95 = [float(c.split(" ± ")[0]) for c in cells[3:6]]
+        assert all(0.0 <= v <= 373.13 for v in hd95), cells
+
+
+def test_kdnet_report_records_provenance_and_stage_times(kdnet_smoke):
+    report = (kdnet_smoke / "report.md").read_text()
+    experiment = json.loads((kdnet_smoke / "experiment.json").read_text())
+    assert experiment["seed"] == 0 and experiment["folds"] == 2 and experiment["preset"]["name"] == "smoke"
+    assert experiment["environment"]["monai"] in report and experiment["environment"]["git_commit"] in report
+    stages = json.loads((kdnet_smoke / "stages.json").read_text())
+    # 2 folds x 3 models x (train, evaluate), each with its wall time and its merged config on disk
+    assert len(stages) == 12 and all(s["seconds"] > 0 for s in stages.values())
+    for name in stages:
+        assert json.loads((kdnet_smoke / name / "config.json").read_text())["seed"] == 0
+
+
+def test_kdnet_per_case_csv_and_summary(kdnet_smoke):
+    datalist = json.loads((kdnet_smoke / "datalist.json").read_text())
+    with (kdnet_smoke / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # every labeled case is a test case exactly once per model (2-fold cross-validation)
+    assert len(rows) == 3 * len(datalist["training"])
+    assert {r["model"] for r in rows} == {"teacher", "baseline", "student"}
+    assert all(0.0 <= float(r["dice_wt"]) <= 1.0 for r in rows)
+    summary = json.loads((kdnet_smoke / "summary.json").read_text())
+    teacher_wt = summary["aggregate"]["teacher"]["dice_wt"]
+    fold_means = []
+    for fold in ("0", "1"):
+        values = [float(r["dice_wt"]) for r in rows if r["model"] == "teacher" and r["fold"] == fold]
+        fold_means.append(sum(values) / len(values))
+    # the table's cell is the mean over folds of the per-fold means
+    assert teacher_wt["folds"] == 2
+    assert teacher_wt["mean"] == pytest.approx(sum(fold_means) / 2, abs=1e-6)
+
+
+def test_kdnet_figures_are_real_images(kdnet_smoke):
+    report = (kdnet_smoke / "report.md").read_text()
+    for name in ("dice_bars.png", "training_curves.png", "qualitative.png"):
+        assert f"]({name})" in report
+        image = mpimg.imread(kdnet_smoke / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300, (name, image.shape)
+        assert image.std() > 0.01, f"{name} is blank"
+
+
+def test_rerun_skips_finished_stages(kdnet_smoke):
+    checkpoints = sorted(kdnet_smoke.glob("fold*/*/models/checkpoint.pt"))
+    before = {p: p.stat().st_mtime_ns for p in checkpoints}
+    result = run_experiment("kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(kdnet_smoke))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(checkpoints) == 6
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == before
+    for log in kdnet_smoke.glob("fold*/*/train/log.txt"):
+        assert log.read_text().count("$ ") == 1, f"{log} was run again"
+
+
+def test_same_seed_gives_same_numbers(kdnet_smoke, tmp_path):
+    """On CPU, fold 0 of a second run with the same seed reproduces every per-case metric."""
+    out = tmp_path / "again"
+    result = run_experiment("kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(out), "--run_folds", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def fold0(path: Path) -> list[dict]:
+        with path.open() as f:
+            return [r for r in csv.DictReader(f) if r["fold"] == "0"]
+
+    assert fold0(out / "per_case.csv") == fold0(kdnet_smoke / "per_case.csv")
+
+
+def test_omni_smoke_one_fold(tmp_path):
+    out = tmp_path / "omni"
+    result = run_experiment("omni", "--data", "synthetic", "--preset", "smoke", "--out", str(out), "--run_folds", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    rows = table_rows(report, "## Lachinov et al.")
+    assert set(rows) == {
+        "UNet (No New-Net)", "Res UNet", "Cascaded UNet", "Ensemble (mean of 3)",
+        "Res UNet, manual labels only", "Distilled (manual + pseudo labels)",
+    }
+    for cells in rows.values():
+        assert all(0.0 <= v <= 1.0 for v in dice_values(cells)), cells
+    combined = json.loads((out / "fold0" / "pseudo_labels" / "datalist.json").read_text())
+    sources = [c["source"] for c in combined["training"]]
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert sources.count("manual") == len(datalist["training"])
+    assert sources.count("pseudo") + len(combined.get("dropped", [])) == len(datalist["unlabeled"]) > 0
+
+
+def test_bad_arguments_fail_cleanly(tmp_path):
+    result = run_experiment("kdnet", "--preset", "nope", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "unknown preset 'nope'" in result.stderr and "Traceback" not in result.stderr
+    result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "y"), "--folds", "2", "--run_folds", "5")
+    assert result.returncode == 2 and "--run_folds" in result.stderr and "Traceback" not in result.stderr
