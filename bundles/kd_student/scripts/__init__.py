@@ -6,6 +6,8 @@
 - ``network``, ``brats``, ``reliability``: the teacher bundle's network, BraTS conventions and
   resumable-training handlers (copies: a bundle must stay self-contained).
 - ``trainer``: :class:`KDTrainer`, a ``SupervisedTrainer`` with the KD-Net objective, and :func:`loss_terms`.
+- ``teacher_cache``: ``teacher_mode: cached``: :class:`TeacherTargetCache` (the cache step, flip-averaged
+  Teacher targets stored per case) and :class:`LoadTeacherTargetsd` (loads them into the training data).
 
 ``monai.bundle run`` imports this package as ``scripts`` (configs use e.g. ``scripts.trainer.KDTrainer``),
 so the modules import each other relatively and nothing outside the bundle.
@@ -15,6 +17,7 @@ from . import brats, network, reliability
 from .bottleneck import BottleneckHook
 from .losses import BottleneckKLLoss, KDLoss, KDNetObjective
 from .teacher import FrozenTeacher, load_teacher_weights
+from .teacher_cache import LoadTeacherTargetsd, TeacherTargetCache
 from .trainer import LOSS_TERMS, KDTrainer, loss_terms
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "KDNetObjective",
     "KDTrainer",
     "LOSS_TERMS",
+    "LoadTeacherTargetsd",
+    "TeacherTargetCache",
     "load_teacher_weights",
     "loss_terms",
 ]
