@@ -137,7 +137,7 @@ def test_member_overrides_build_the_papers_three_networks():
     assert groups and all(m.num_groups == 8 for m in groups)
     for net in (unet, resunet, cascade):
         with torch.no_grad():
-            assert tuple(net.eval()(torch.zeros(1, 4, 16, 16, 16)).shape) == (1, 3, 16, 16, 16)
+            assert tuple(net.eval()(torch.zeros(1, 4, 32, 32, 32)).shape) == (1, 3, 32, 32, 32)
 
 
 def test_inference_config_defines_the_same_members_as_train_config():
@@ -146,6 +146,29 @@ def test_inference_config_defines_the_same_members_as_train_config():
     for key in ("unet_def", "resunet_def", "cascade_def", "unet_features", "resunet_init_filters", "cascade_features",
                 "cascade_coarse_scale", "roi_size"):
         assert infer[key] == train[key], f"{key} differs between train.json and inference.json"
+
+
+def test_train_and_infer_workflows_have_the_required_properties(datalist):
+    from monai.bundle import ConfigWorkflow
+
+    with bundle_scripts_on_path(ENSEMBLE):
+        for configs, workflow_type in ((["train.json", "member_cascade.json"], "train"), (["inference.json"], "infer")):
+            workflow = ConfigWorkflow(config_file=[str(ENSEMBLE / "configs" / c) for c in configs], workflow_type=workflow_type,
+                                      logging_file=False, bundle_root=str(ENSEMBLE), datalist=str(datalist), cache_rate=0.0,
+                                      **ENSEMBLE_TINY)
+            workflow.initialize()
+            assert workflow.check_properties() == [], f"{configs}: missing workflow properties"
+
+
+@pytest.mark.parametrize("value, expected", [(False, False), ("false", False), ("0", False), (True, True), ("true", True), ("True", True)])
+def test_command_line_flags_are_read_as_flags_not_by_truthiness(value, expected):
+    """``--tta false`` reaches the config as the string 'false' (Fire parses Python literals only)."""
+    with bundle_scripts_on_path(ENSEMBLE):
+        infer = bundle_config(ENSEMBLE, ["inference.json", "pseudo_label.json"], tta=value, soft_labels=value)
+        train = bundle_config(ENSEMBLE, "train.json", resume=value)
+        assert len(infer.get_parsed_content("tta_flips")) == (4 if expected else 1)
+        assert infer.get_parsed_content("soft_labels_enabled") is expected
+        assert train.get_parsed_content("resume_enabled") is expected
 
 
 def test_training_transforms_follow_the_papers_augmentation(datalist):
@@ -188,12 +211,12 @@ def test_each_member_trains_one_epoch_and_saves_its_own_checkpoint(models_dir):
         assert "Epoch: 1/1" in log and "val_mean_dice" in log
 
 
-def test_ensemble_evaluation_with_tta_writes_metrics_summary_and_label_maps(models_dir, datalist, datalist_json, tmp_path):
+def test_ensemble_and_single_member_evaluation_write_metrics_summary_and_label_maps(models_dir, datalist, datalist_json, tmp_path):
     out = tmp_path / "eval"
     results = run_parallel(
         {
             "ensemble": (ENSEMBLE, ["train.json", "evaluate.json", "evaluate_ensemble.json"], tmp_path,
-                         dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "ensemble"), tta=True)),
+                         dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "ensemble"))),
             "resunet": (ENSEMBLE, ["train.json", "member_resunet.json", "evaluate.json"], tmp_path,
                         dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "resunet"))),
         }
