@@ -67,7 +67,11 @@ def trained_epochs(ckpt_dir: Path) -> int:
     import torch  # deferred: listing stages should not pay for importing torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return int(state.get("trainer", {}).get("epoch", 0))
+    trainer = state.get("trainer", {})
+    if "epoch" in trainer:
+        return int(trainer["epoch"])
+    # Ignite's Engine.state_dict() records the iteration, not the epoch.
+    return int(trainer.get("iteration", 0)) // max(int(trainer.get("epoch_length") or 1), 1)
 
 
 def merged_config(stage: Stage) -> dict:
@@ -79,6 +83,28 @@ def merged_config(stage: Stage) -> dict:
     for key, value in stage.overrides.items():
         parser[key] = value
     return parser.config
+
+
+def _die_with_parent():
+    """On Linux, a ``preexec_fn`` that makes the stage's process get SIGTERM when the runner dies.
+
+    Without it, a runner killed with SIGKILL leaves its training running on, unseen, and a rerun
+    starts a second training that writes the same checkpoints. ``None`` elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    runner, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(1, sigterm)  # PR_SET_PDEATHSIG
+        if os.getppid() != runner:  # the runner died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def run_stage(stage: Stage, on_epoch=None) -> float:
@@ -103,10 +129,12 @@ def run_stage(stage: Stage, on_epoch=None) -> float:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.monotonic()
     tail: deque[str] = deque(maxlen=25)
-    with stage.log_file.open("a") as log:
+    # Line-buffered: a killed runner's log still ends where the stage stopped.
+    with stage.log_file.open("a", buffering=1) as log:
         log.write(f"$ {' '.join(command)}\n")
         process = subprocess.Popen(
-            command, cwd=bundle_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, cwd=bundle_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=_die_with_parent(),
         )
         for line in process.stdout:
             log.write(line)

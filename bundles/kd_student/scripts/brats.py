@@ -8,6 +8,8 @@ Kept byte-identical in every bundle that needs it (a bundle must stay self-conta
 from __future__ import annotations
 
 import csv
+import glob
+import gzip
 import json
 import math
 import os
@@ -77,18 +79,43 @@ class RegionsToBratsLabelsd(MapTransform):
         return d
 
 
-def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a NIfTI file so that a killed run leaves either no file or the complete one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` so that a killed run leaves either the old file or the complete new one.
+
+    The bytes go to ``.<name>.<random>.tmp`` in the same folder, are fsync'ed and renamed over
+    ``path``. The temporary name keeps no ``.nii.gz`` / ``.json`` suffix, so nothing that lists
+    ``*.nii.gz`` can pick up a half-written file; on a failure it is removed, and one left by a
+    killed run is removed by the next write of the same file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        nib.save(nib.Nifti1Image(array, affine), tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a NIfTI file (gzip-compressed for ``.nii.gz``) atomically, see :func:`atomic_write_bytes`."""
+    data = nib.Nifti1Image(array, affine).to_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's level for .nii.gz
+    atomic_write_bytes(data, path)
 
 
 class SaveBratsLabelMapd(MapTransform):
@@ -140,9 +167,5 @@ def write_metric_summary(metrics_dir: str, filename: str = "summary.json") -> di
                 continue
             key = metric if len(channels) == 1 else f"{metric}_{name}"
             summary[key] = _summarise([float(r[col]) for r in rows if len(r) > col])
-    out = Path(metrics_dir) / filename
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=metrics_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_bytes(json.dumps(summary, indent=2).encode("utf-8"), Path(metrics_dir) / filename)
     return summary

@@ -3,7 +3,8 @@
 MONAI's ``CheckpointSaver`` writes non-atomically and Ignite deletes the previous file before
 writing the next, so a crash at the wrong moment leaves a truncated or missing checkpoint.
 Ignite's ``TerminateOnNan`` ends the run gracefully (exit code 0), which a pipeline would take
-for success. The two handlers here close those gaps.
+for success, and a NaN gradient under a finite loss poisons the weights without any warning. The
+two handlers here close those gaps.
 
 Kept byte-identical in every trainable bundle (a bundle must stay self-contained);
 ``tests/test_bundle_copies.py`` guards against drift.
@@ -11,9 +12,14 @@ Kept byte-identical in every trainable bundle (a bundle must stay self-contained
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import stat
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
@@ -29,6 +35,11 @@ class _AtomicDiskSaver(DiskSaver):
     a reader always finds either the previous checkpoint or the new one. Ignite saves the bare
     state dict when ``save_dict`` holds one object; ``key`` puts it back under its name (e.g.
     ``{"model": state_dict}``), the format the bundles document and load.
+
+    The temporary file is ``.<filename>.<random>.tmp`` (Ignite's is an anonymous ``tmpXXXX``): a
+    save killed half-way leaves one, and the next successful save of that file removes it. The
+    data is fsync'ed before the rename, and a failed write (e.g. a full disk) raises an error that
+    names the file and says that the previous one is unchanged.
     """
 
     def __init__(self, dirname: str, filename: str | None = None, key: str | None = None) -> None:
@@ -41,9 +52,57 @@ class _AtomicDiskSaver(DiskSaver):
             checkpoint = {self.key: checkpoint}
         super().__call__(checkpoint, self.filename or filename, metadata)
 
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        path = Path(path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as err:
+            raise _write_error(path, err) from err
+        try:
+            with os.fdopen(fd, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it visible
+            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(tmp, path)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, Exception):
+                raise _write_error(path, err) from err
+            raise
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by an earlier save that was killed half-way
+
     def remove(self, filename: str) -> None:
         if self.filename is None:
             super().remove(filename)
+
+
+def _write_error(path: Path, err: BaseException) -> OSError:
+    """A clear error for a failed checkpoint write: the cause (e.g. a full disk) and what survived."""
+    cause = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__  # torch.save reports a full disk as a RuntimeError raised from the OSError
+    reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else f"{type(err).__name__}: {err}"
+    message = (
+        f"could not write checkpoint '{path}': {reason}. The previous '{path.name}' (if any) is unchanged "
+        "and complete; free disk space or choose another ckpt_dir, then resume."
+    )
+    return OSError(cause.errno, message) if isinstance(cause, OSError) and cause.errno else OSError(message)
+
+
+def _check_writable_folder(folder: str) -> None:
+    """Fail at start-up, not after the first epoch, when checkpoints cannot be written to ``folder``."""
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(
+            f"checkpoint folder '{folder}' is not a folder (a file of that name exists): set ckpt_dir to a folder."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        message = f"cannot write checkpoints to '{folder}': {err.strerror}; set ckpt_dir to a writable folder."
+        raise OSError(err.errno, message) from err
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -58,6 +117,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def __init__(self, *args, interval_filename: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        _check_writable_folder(self.save_dir)
         key = next(iter(self.save_dict)) if len(self.save_dict) == 1 else None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint):
             if checkpoint is not None:
@@ -78,10 +138,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 class StopOnNonFiniteLoss:
-    """Raise on a NaN or infinite training loss, before the epoch's checkpoint could be written.
+    """Raise on a NaN or infinite training loss or network weight, before a checkpoint could be written.
 
     Raising (rather than Ignite's graceful ``TerminateOnNan``) makes the run exit non-zero, so a
-    script or experiment runner cannot mistake the failure for a finished training.
+    script or experiment runner cannot mistake the failure for a finished training. The weights of
+    the engine's ``network`` are checked after every iteration too: a NaN gradient under a finite
+    loss (e.g. the derivative of ``sqrt`` at 0) turns them into NaN silently, and an epoch ending
+    there would otherwise save them into ``checkpoint.pt`` and, as their all-empty predictions can
+    score well on cases without some region, even into the best ``model.pt``.
     """
 
     def __init__(self, output_transform: Callable = lambda output: output[CommonKeys.LOSS]) -> None:
@@ -91,12 +155,21 @@ class StopOnNonFiniteLoss:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         for output in outputs:
             loss = self.output_transform(output)
             value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
             if not math.isfinite(value):
                 raise RuntimeError(
-                    f"training loss is {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-                    "stopping; the checkpoints on disk are those of the last completed epoch."
+                    f"training loss is {value} {where}: stopping; the checkpoints on disk are those of the last "
+                    "completed epoch."
+                )
+        network = getattr(engine, "network", None)
+        if isinstance(network, torch.nn.Module):
+            bad = next((name for name, p in network.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            if bad is not None:
+                raise RuntimeError(
+                    f"network weight '{bad}' became NaN or infinite {where} although the loss was finite (a NaN or "
+                    "infinite gradient): stopping; the checkpoints on disk are those of the last completed epoch."
                 )
