@@ -1,0 +1,226 @@
+"""Package a bundle as a model-zoo zip and check that MONAI loads it offline.
+
+    python -m tools.package --bundle bundles/kd_student --out dist/kd_student.zip [--weights PATH] [--check true]
+
+The zip holds one folder named after the zip (``kd_student/``, the layout ``monai.bundle.download``
+and ``load_bundle_config`` expect) with the bundle's ``configs``, ``scripts``, ``docs``, ``LICENSE``,
+``large_files.yml`` and its weights: ``models/model.pt`` (or ``--weights PATH`` copied there) and,
+for a bundle of several networks, ``models/<member>/model.pt``. Training outputs (``runs``,
+``eval``, ``predictions``, resumable ``checkpoint.pt``), ``__pycache__`` and a local
+``configs/datalist.json`` (it holds a user's data paths) are left out.
+
+The check runs in a fresh interpreter, as a user of the zip would: ``monai.bundle.load_bundle_config``
+reads the metadata and ``inference.json`` from the zip, ``monai.bundle.download`` unpacks it from its
+``file://`` URL (MONAI's offline route; ``load`` has no "disk" source), the network is built from the
+unpacked ``inference.json`` and ``monai.bundle.load`` loads every packaged checkpoint into it; every
+parameter must then equal the checkpoint's, and a forward pass must give the channels of
+``network_data_format``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INCLUDED = ("configs", "scripts", "docs", "LICENSE", "large_files.yml")
+EXCLUDED_NAMES = {"__pycache__", ".ipynb_checkpoints"}
+EXCLUDED_FILES = {"configs/datalist.json"}
+WEIGHTS_NAME = "model.pt"
+
+
+class PackageError(RuntimeError):
+    """The bundle cannot be packaged, or the package does not load."""
+
+
+def _bundle_files(bundle: Path) -> Iterator[tuple[Path, str]]:
+    """(source file, path inside the bundle) for the code, configs and docs of ``bundle``."""
+    for name in INCLUDED:
+        top = bundle / name
+        if top.is_file():
+            yield top, name
+        elif top.is_dir():
+            for path in sorted(top.rglob("*")):
+                rel = path.relative_to(bundle).as_posix()
+                if path.is_file() and not EXCLUDED_NAMES.intersection(path.parts) and path.suffix != ".pyc":
+                    if rel not in EXCLUDED_FILES:
+                        yield path, rel
+
+
+def _network_members(bundle: Path) -> list[str]:
+    """Member names when ``inference.json``'s ``network_def`` is a container (``ModuleDict``), else ``[]``."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    network_def = config.get("network_def", {})
+    if isinstance(network_def, dict) and str(network_def.get("_target_", "")).endswith("ModuleDict"):
+        return list(network_def.get("modules", {}))
+    return []
+
+
+def _weight_files(bundle: Path, weights: str | os.PathLike | None) -> list[tuple[Path, str]]:
+    members = _network_members(bundle)
+    if weights is not None:
+        weights = Path(weights)
+        if members:
+            raise PackageError(
+                f"{bundle.name} has several networks ({', '.join(members)}): put their weights in "
+                f"models/<member>/{WEIGHTS_NAME} instead of passing --weights"
+            )
+        if not weights.is_file():
+            raise PackageError(f"--weights {weights}: no such file")
+        return [(weights, f"models/{WEIGHTS_NAME}")]
+    names = [f"models/{m}/{WEIGHTS_NAME}" for m in members] if members else [f"models/{WEIGHTS_NAME}"]
+    return [(bundle / name, name) for name in names if (bundle / name).is_file()]
+
+
+def build(bundle: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None = None) -> list[str]:
+    """Write the zip atomically; returns the archive's member names."""
+    bundle, out = Path(bundle).resolve(), Path(out).resolve()
+    for required in ("configs/metadata.json", "configs/inference.json", "LICENSE"):
+        if not (bundle / required).is_file():
+            raise PackageError(f"{bundle} is not a complete bundle: {required} is missing")
+    if out.suffix != ".zip":
+        raise PackageError(f"--out must end in .zip (MONAI names the bundle after it), got {out}")
+    name = out.stem
+    files = list(_bundle_files(bundle)) + _weight_files(bundle, weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for source, rel in files:
+                archive.write(source, f"{name}/{rel}")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return [f"{name}/{rel}" for _, rel in files]
+
+
+def _fake_input_shape(fmt: dict) -> list[int]:
+    """(1, C, *spatial) for a data format; ``k*n`` dimensions at n = 2, ``*`` as 32."""
+    sizes = []
+    for dim in fmt["inputs"]["image"]["spatial_shape"]:
+        if isinstance(dim, int):
+            sizes.append(dim)
+        elif dim == "*":
+            sizes.append(32)
+        else:
+            factor, _, var = str(dim).partition("*")
+            sizes.append(int(factor) * (2 if var.strip() == "n" else 1))
+    return [1, fmt["inputs"]["image"]["num_channels"], *sizes]
+
+
+def verify_in_this_process(zip_path: str | os.PathLike, workdir: str | os.PathLike) -> dict:
+    """Load the packaged bundle with MONAI's bundle API and check its weights; see the module docstring.
+
+    Imports the bundle's ``scripts`` package, so run it in a fresh interpreter (:func:`verify`).
+    """
+    import torch
+    from monai.bundle import ConfigParser, download, load, load_bundle_config
+
+    zip_path, workdir = Path(zip_path).resolve(), Path(workdir).resolve()
+    name = zip_path.stem
+    parser = load_bundle_config(str(zip_path), "inference.json")  # straight from the zip
+    meta = parser.get("_meta_")
+    if "network_def" not in parser.get():
+        raise PackageError(f"{zip_path}: inference.json has no network_def")
+    download(name=name, url=zip_path.as_uri(), bundle_dir=str(workdir), progress=False)
+    bundle = workdir / name
+    sys.path.insert(0, str(bundle))  # what `monai.bundle run` does: the bundle's `scripts` package
+
+    config = ConfigParser()
+    config.read_config(str(bundle / "configs" / "inference.json"))
+    config.read_meta(str(bundle / "configs" / "metadata.json"))
+    config["bundle_root"] = str(bundle)
+    members = _network_members(bundle)
+    networks = (
+        {m: (config.get_parsed_content(f"{m}_def"), f"models/{m}/{WEIGHTS_NAME}", f"{m}_data_format") for m in members}
+        if members
+        else {"network_def": (config.get_parsed_content("network_def"), f"models/{WEIGHTS_NAME}", "network_data_format")}
+    )
+    report = {"name": name, "version": meta["version"], "networks": {}}
+    for label, (network, model_file, format_key) in networks.items():
+        entry = {"weights": None}
+        checkpoint = bundle / model_file
+        if checkpoint.is_file():  # load() would try to download a missing file: only call it on a present one
+            network = load(
+                name=name, model=network, bundle_dir=str(workdir), model_file=model_file, key_in_ckpt="model", device="cpu"
+            )
+            expected = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+            state = network.state_dict()
+            if set(state) != set(expected):
+                raise PackageError(
+                    f"{model_file} does not match {label}: missing {sorted(set(state) - set(expected))[:5]}, "
+                    f"unexpected {sorted(set(expected) - set(state))[:5]}"
+                )
+            different = [k for k in state if not torch.equal(state[k], expected[k].to(state[k].dtype))]
+            if different:
+                raise PackageError(f"{model_file}: {len(different)} tensors were not loaded, e.g. {different[:3]}")
+            entry["weights"] = model_file
+            entry["tensors"] = len(state)
+        fmt = meta[format_key]
+        shape = _fake_input_shape(fmt)
+        network.eval()
+        with torch.no_grad():
+            out = network(torch.rand(*shape))
+        if out.shape[1] != fmt["outputs"]["pred"]["num_channels"]:
+            raise PackageError(f"{label}: {out.shape[1]} output channels, metadata says {fmt['outputs']['pred']['num_channels']}")
+        entry["input"], entry["output"] = shape, list(out.shape)
+        report["networks"][label] = entry
+    return report
+
+
+def verify(zip_path: str | os.PathLike) -> dict:
+    """:func:`verify_in_this_process` in a fresh interpreter (a bundle's ``scripts`` must not leak); its report."""
+    with tempfile.TemporaryDirectory(prefix="bundle-check-") as workdir:
+        code = (
+            "import json, sys\n"
+            "from tools.package import verify_in_this_process\n"
+            "print('BUNDLE-CHECK ' + json.dumps(verify_in_this_process(sys.argv[1], sys.argv[2])))\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(Path(zip_path).resolve()), workdir],
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            capture_output=True,
+            text=True,
+        )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BUNDLE-CHECK ")]
+    if proc.returncode != 0 or not lines:
+        raise PackageError(f"{zip_path} does not load:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BUNDLE-CHECK ") :])
+
+
+def package(bundle: str, out: str, weights: str | None = None, check: bool = True) -> dict:
+    """Zip ``bundle`` into ``out`` (optionally with ``weights`` as models/model.pt) and check it loads.
+
+    Returns ``{"zip", "bytes", "files", "weights", "check"}`` (``check``: :func:`verify`'s report).
+    """
+    if isinstance(check, str):  # fire passes `--check false` through as a string
+        check = check.strip().lower() not in ("false", "0", "no", "off")
+    members = build(bundle, out, weights)
+    result = {"zip": str(Path(out).resolve()), "bytes": Path(out).stat().st_size, "files": len(members)}
+    result["weights"] = [m.split("/", 1)[1] for m in members if m.endswith(f"/{WEIGHTS_NAME}")]
+    if check:
+        result["check"] = verify(out)
+    return result
+
+
+def main(bundle: str, out: str, weights: str | None = None, check: bool = True) -> None:
+    """CLI: :func:`package`, its result printed as JSON; exit status 1 with the reason on failure."""
+    try:
+        print(json.dumps(package(bundle, out, weights, check), indent=2))
+    except PackageError as err:
+        sys.exit(f"tools.package: {err}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
