@@ -20,18 +20,17 @@ import pytest
 import torch
 
 from tests.bundle_runner import bundle_config, bundle_scripts_on_path
-from tests.test_zoo_conformance import BUNDLE_NAMES, bundle_path, fake_spatial_shape, inference_networks, read_metadata
+from tests.test_zoo_conformance import (
+    BUNDLE_NAMES,
+    SMALL_NETWORKS,
+    bundle_path,
+    fake_spatial_shape,
+    inference_networks,
+    read_metadata,
+)
 
 pytestmark = pytest.mark.slow
 
-#: small sizes for the networks, applied only where a bundle's inference.json has the key
-SMALL_NETWORKS = {
-    "filters": [4, 8, 16, 32, 64],
-    "init_filters": 8,
-    "resunet_init_filters": 8,
-    "unet_features": [4, 4, 8, 8, 16, 4],
-    "cascade_features": [4, 8],
-}
 TS_ATOL = 1e-5
 ONNX_RTOL, ONNX_ATOL = 1e-3, 1e-4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -72,15 +73,13 @@ def test_package_zips_the_bundle_and_loads_its_weights_with_monai(student_copy, 
 def test_cli_packages_given_weights_and_rejects_weights_of_another_network(tmp_path):
     good = tmp_path / "trained.pt"
     random_weights(good)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tools.package", "--bundle", str(STUDENT), "--out", str(tmp_path / "kd.zip"), "--weights", str(good)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    command = [sys.executable, "-m", "tools.package", "--bundle", str(STUDENT), "--out", str(tmp_path / "kd.zip")]
+    proc = subprocess.run(command + ["--weights", str(good), "--check", "false"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '"weights": "models/model.pt"' in proc.stdout
+    assert json.loads(proc.stdout)["weights"] == ["models/model.pt"]
     assert "kd/models/model.pt" in zipfile.ZipFile(tmp_path / "kd.zip").namelist()
+    missing = subprocess.run(command + ["--weights", str(tmp_path / "none.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and "no such file" in missing.stderr
 
     # a checkpoint of a smaller network: MONAI's load() copies what fits and skips the rest silently;
     # the check must notice

@@ -46,6 +46,16 @@ PINNED_VERSIONS = {"monai_version": "monai", "pytorch_version": "torch", "numpy_
 #: the zoo README template's sections (model-zoo/docs/readme_template.md), matched case-insensitively
 README_SECTIONS = ("model overview", "data", "training configuration", "performance", "limitations", "references")
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
+#: small widths for the networks, applied only where a bundle's config has the key: channel counts and
+#: shapes, which the checks compare with the metadata, do not depend on them
+SMALL_NETWORKS = {
+    "filters": [4, 8, 16, 32, 64],
+    "teacher_filters": [4, 8, 16, 32, 64],
+    "init_filters": 8,
+    "resunet_init_filters": 8,
+    "unet_features": [4, 4, 8, 8, 16, 4],
+    "cascade_features": [4, 8],
+}
 
 
 def bundle_path(name: str) -> Path:
@@ -238,6 +248,7 @@ def test_verify_net_in_out(name, format_key):
     fmt = meta[format_key]
     config, net_id = network_for_format(name, format_key)
     root = bundle_path(name)
+    small = {k: v for k, v in SMALL_NETWORKS.items() if k in read_config(name, config)}
     with bundle_scripts_on_path(root):
         verify_net_in_out(
             net_id=net_id,
@@ -248,8 +259,9 @@ def test_verify_net_in_out(name, format_key):
             any=32,
             bundle_root=str(root),
             **{"_meta_#network_data_format": fmt},
+            **small,
         )
-        net = bundle_config(root, config).get_parsed_content(net_id).eval()
+        net = bundle_config(root, config, **small).get_parsed_content(net_id).eval()
     shape = fake_spatial_shape(fmt["inputs"]["image"]["spatial_shape"])
     with torch.no_grad():
         out = net(torch.rand(1, fmt["inputs"]["image"]["num_channels"], *shape))
