@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the MONAI Label virtual environment used by tests/test_monailabel.py and
 # docs/monailabel.md. MONAI Label 0.8.5 pulls monai's extras (itk, mlflow, openslide, torchvision,
-# sam2, ...; about 3.7 GB), none of which the bundles need, so it lives in its own venv:
+# sam2, ...; about 7.5 GB with PyPI's torch build), none of which the bundles need, so it lives in its own venv:
 #
 #   tools/monailabel_env.sh            # -> .venv-monailabel/ (next to requirements-monailabel.txt)
 #   MONAILABEL_VENV=/opt/ml tools/monailabel_env.sh
@@ -21,7 +21,7 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
     exit 0
 fi
 
-echo "Creating the MONAI Label venv in $venv (several minutes: ~3.7 GB of wheels)"
+echo "Creating the MONAI Label venv in $venv (several minutes: ~7.5 GB installed)"
 rm -f "$stamp"
 "$python" -m venv "$venv"
 # never let git see the venv, wherever it is created (Python 3.13's venv does the same)
