@@ -228,3 +228,18 @@ def test_cached_mode_trains_one_epoch_via_bundle_run(tmp_path, monkeypatch):
     assert set(terms) == {"loss_kd", "loss_kl"}, proc.stdout[-2000:]
     assert all(math.isfinite(float(v)) and float(v) > 0 for v in terms.values())
     assert (tmp_path / "student" / "model.pt").is_file()
+
+
+def test_experiment_runner_caches_each_teacher_before_its_students(tmp_path):
+    from tools.experiment import KDNET_MODELS, teacher_cache_stage
+    from tools.presets import get_preset
+
+    student = next(m for m in KDNET_MODELS if m.teacher is not None)
+    cache_dir = tmp_path / "fold0" / student.teacher / "teacher_cache"
+    extra = {"teacher_mode": "cached", "teacher_cache_dir": str(cache_dir)}
+    stage = teacher_cache_stage(student, tmp_path, 0, tmp_path / "datalist.json", get_preset("smoke"), 0, extra)
+    assert stage.kind == "infer" and stage.done_file == cache_dir / "summary.json"
+    assert stage.configs[-1] == "configs/cache_teacher.json" and stage.bundle == "kd_student"
+    assert stage.overrides["teacher_ckpt"] == str(tmp_path / "fold0" / student.teacher / "models" / "model.pt")
+    assert stage.overrides["teacher_cache_dir"] == str(cache_dir) and stage.overrides["fold"] == 0
+    assert not stage.is_done()

@@ -1,0 +1,90 @@
+"""Smoke tests of ``tools.bench``'s three commands with tiny sizes: the CLI runs, writes its JSON with
+the documented keys, and every time and ratio is a positive number. No timing is asserted: the
+figures come from the benchmarks themselves, on an idle machine (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_NET = ["--filters", "[4,8,16,32,64]", "--spatial-size", "32"]
+
+
+def run_bench(tmp_path: Path, command: str, *args: str) -> dict:
+    out = tmp_path / f"{command}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny tensors: one thread is quicker on a shared machine
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench", command, "--json", str(out), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result  # stdout carries the same JSON
+    return result
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_environment(result: dict) -> None:
+    for key in ("device", "threads", "loadavg", "torch", "monai", "python", "cpu_count"):
+        assert key in result, key
+    assert result["threads"] == 1
+
+
+@pytest.mark.slow
+def test_kd_overhead_reports_the_three_step_times_and_their_ratios(tmp_path):
+    result = run_bench(tmp_path, "kd-overhead", *TINY_NET, "--steps", "2", "--warmup", "1", "--block", "1")
+    for key in ("baseline_step_s", "kd_online_step_s", "kd_cached_step_s", "teacher_forward_s", "ratio_online", "ratio_cached",
+                "ratio_baseline_copy", "ratio_online_bf16_teacher"):
+        assert positive(result[key]), key
+    assert result["ratio_online"] == pytest.approx(result["kd_online_step_s"] / result["baseline_step_s"])
+    assert result["ratio_cached"] == pytest.approx(result["kd_cached_step_s"] / result["baseline_step_s"])
+    assert result["spatial_size"] == [32, 32, 32] and result["batch_size"] == 2 and result["steps"] == 2
+    assert {name: len(times) for name, times in result["step_times_s"].items()} == {
+        "baseline": 2, "kd_online": 2, "kd_cached": 2, "teacher_forward": 2, "baseline_copy": 2, "kd_online_bf16_teacher": 2,
+    }
+    check_environment(result)
+
+
+@pytest.mark.slow
+def test_loader_reports_delivered_and_consumed_cases_per_second_in_both_modes(tmp_path):
+    result = run_bench(
+        tmp_path, "loader", *TINY_NET, "--cases", "3", "--phantom-size", "32", "--crop-size", "32",
+        "--epochs", "1", "--steps", "1", "--num-workers", "0",
+    )
+    assert set(result["modes"]) == {"online", "cached"}
+    for mode, entry in result["modes"].items():
+        for key in ("cache_fill_s", "epoch_s", "loader_cases_per_s", "train_step_s", "train_cases_per_s", "headroom"):
+            assert positive(entry[key]), (mode, key)
+    assert "teacher_image" in result["modes"]["online"]["batch_keys"]
+    cached_keys = result["modes"]["cached"]["batch_keys"]
+    assert {"teacher_logits", "teacher_bottleneck"} <= set(cached_keys) and "teacher_image" not in cached_keys
+    assert positive(result["modes"]["cached"]["cache_build_s"])
+    check_environment(result)
+
+
+@pytest.mark.slow
+def test_inference_reports_seconds_and_peak_memory_of_student_and_zoo(tmp_path):
+    result = run_bench(
+        tmp_path, "inference", *TINY_NET, "--size", "32", "--crop-size", "32", "--zoo-roi", "[32,32,24]", "--repeats", "1",
+        "--threads", "1",
+    )
+    for variant in ("student", "zoo_segresnet"):
+        for key in ("preprocess_s", "network_s", "postprocess_s", "total_s", "peak_rss_delta_mb"):
+            assert positive(result[variant][key]), (variant, key)
+    # both end with a label map in the case's original geometry (32 x 32 x 21 at phantom size 32)
+    assert result["student"]["output_shape"] == result["zoo_segresnet"]["output_shape"] == [1, 32, 32, 21]
+    assert result["zoo_segresnet"]["input_shape"][0] == 4 and result["student"]["input_shape"][0] == 1
+    for key in ("ratio_total_s", "ratio_network_s", "ratio_peak_rss"):
+        assert positive(result[key]), key
+    check_environment(result)
