@@ -7,6 +7,13 @@ under pytest's temporary folders: nothing is written into the checkout.
 
 from __future__ import annotations
 
+import os
+
+# The suite runs on 2 pytest-xdist workers (README). One OpenMP thread per process, inherited by every
+# bundle subprocess, keeps 2 workers on 2 cores; with 2 threads each, tiny networks ran 5-25x slower
+# from OpenMP contention. Set before torch is imported anywhere in the session.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,42 +1,20 @@
-"""End-to-end tests of the experiment runner: `smoke` presets of both experiments, resumption, determinism."""
+"""End-to-end tests of the experiment runner's KD-Net experiment: `smoke` preset, report, resumption, determinism.
+
+The omni experiment is in test_experiment_omni.py (a file of its own so that pytest-xdist can run the
+two end-to-end runs side by side)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
 
-from tests.bundle_imports import ROOT
+from tests.experiment_runs import dice_values, run_experiment, table_rows
 
 pytestmark = pytest.mark.slow
-
-
-def run_experiment(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.experiment", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def table_rows(report: str, heading: str) -> dict[str, list[str]]:
-    """``{first cell: other cells}`` of the markdown table under ``heading``."""
-    section = report.split(heading, 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
-    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
-
-
-def dice_values(cells: list[str]) -> list[float]:
-    """The mean and the std of the three Dice columns (the first three cells after the label columns)."""
-    values = []
-    for cell in cells[:3]:
-        mean, std = re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", cell).groups()
-        values += [float(mean), float(std)]
-    return values
 
 
 @pytest.fixture(scope="module")
@@ -119,25 +97,6 @@ def test_same_seed_gives_same_numbers(kdnet_smoke, tmp_path):
             return [r for r in csv.DictReader(f) if r["fold"] == "0"]
 
     assert fold0(out / "per_case.csv") == fold0(kdnet_smoke / "per_case.csv")
-
-
-def test_omni_smoke_one_fold(tmp_path):
-    out = tmp_path / "omni"
-    result = run_experiment("omni", "--data", "synthetic", "--preset", "smoke", "--out", str(out), "--run_folds", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = (out / "report.md").read_text()
-    rows = table_rows(report, "## Lachinov et al.")
-    assert set(rows) == {
-        "UNet (No New-Net)", "Res UNet", "Cascaded UNet", "Ensemble (mean of 3)",
-        "Res UNet, manual labels only", "Distilled (manual + pseudo labels)",
-    }
-    for cells in rows.values():
-        assert all(0.0 <= v <= 1.0 for v in dice_values(cells)), cells
-    combined = json.loads((out / "fold0" / "pseudo_labels" / "datalist.json").read_text())
-    sources = [c["source"] for c in combined["training"]]
-    datalist = json.loads((out / "datalist.json").read_text())
-    assert sources.count("manual") == len(datalist["training"])
-    assert sources.count("pseudo") + len(combined.get("dropped", [])) == len(datalist["unlabeled"]) > 0
 
 
 def test_bad_arguments_fail_cleanly(tmp_path):

@@ -142,6 +142,18 @@ def test_default_objective_is_the_full_kd_net_loss():
     parser = bundle_config(STUDENT, "train.json")
     assert (parser.get_parsed_content("lambda_kd"), parser.get_parsed_content("alpha_kl")) == (0.75, 10.0)
     assert parser.get_parsed_content("temperature") == 5.0
+    with bundle_scripts_on_path(STUDENT):
+        kd = parser.get_parsed_content("loss").kd_loss
+    # Eq. 2 as written: the teacher softened by T, the student not
+    assert (kd.temperature, kd.student_temperature) == (5.0, 1.0)
+
+
+def test_student_temperature_reaches_the_kd_loss():
+    with bundle_scripts_on_path(STUDENT):
+        parser = bundle_config(STUDENT, "train.json")
+        parser["student_temperature"] = 5.0
+        kd = parser.get_parsed_content("loss").kd_loss
+    assert (kd.temperature, kd.student_temperature) == (5.0, 5.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""Running ``python -m tools.experiment`` from the tests and reading the tables of its report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.bundle_imports import ROOT
+
+
+def run_experiment(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.experiment", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def table_rows(report: str, heading: str) -> dict[str, list[str]]:
+    """``{first cell: other cells}`` of the markdown table under ``heading``."""
+    section = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def dice_values(cells: list[str]) -> list[float]:
+    """The mean and the std of the three Dice columns (the first three cells after the label columns)."""
+    values = []
+    for cell in cells[:3]:
+        mean, std = re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", cell).groups()
+        values += [float(mean), float(std)]
+    return values
