@@ -23,9 +23,10 @@ def table_rows(report: str, heading: str) -> dict[str, list[str]]:
 
 
 def dice_values(cells: list[str]) -> list[float]:
-    """The mean and the std of the three Dice columns (the first three cells after the label columns)."""
+    """The mean and the std of the three Dice columns (the first three cells after the label columns);
+    a one-fold cell holds the mean only."""
     values = []
     for cell in cells[:3]:
-        mean, std = re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", cell).groups()
-        values += [float(mean), float(std)]
+        mean, std = re.fullmatch(r"([0-9.]+)(?: ± ([0-9.]+))?", cell).groups()
+        values += [float(mean)] + ([float(std)] if std is not None else [])
     return values

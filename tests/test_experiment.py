@@ -33,6 +33,7 @@ def test_kdnet_report_has_table1_rows_with_dice_in_unit_interval(kdnet_smoke):
         assert all(0.0 <= v <= 1.0 for v in dice_values(cells)), cells
         hd95 = [float(c.split(" ± ")[0]) for c in cells[3:6]]
         assert all(0.0 <= v <= 373.13 for v in hd95), cells
+        assert cells[6] == "2", "the Folds column"
 
 
 def test_kdnet_report_records_provenance_and_stage_times(kdnet_smoke):

@@ -22,6 +22,8 @@ def test_omni_smoke_one_fold(tmp_path):
         "Res UNet, manual labels only", "Distilled (manual + pseudo labels)",
     }
     for cells in rows.values():
+        # one fold: the mean alone (no "± 0.000" that would pass for a measured spread), and the fold count
+        assert len(dice_values(cells)) == 3 and cells[6] == "1", cells
         assert all(0.0 <= v <= 1.0 for v in dice_values(cells)), cells
     combined = json.loads((out / "fold0" / "pseudo_labels" / "datalist.json").read_text())
     sources = [c["source"] for c in combined["training"]]

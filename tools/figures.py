@@ -41,7 +41,7 @@ def dice_bars(agg: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) + 3), 4))
     for i, model in enumerate(models):
         means = [agg[model][f"dice_{r}"]["mean"] for r in regions]
-        stds = [agg[model][f"dice_{r}"]["std"] for r in regions]
+        stds = [agg[model][f"dice_{r}"]["std"] or 0.0 for r in regions]  # None: one fold, no error bar
         xs = np.arange(len(regions)) + (i - (len(models) - 1) / 2) * width
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=model)
     ax.set_xticks(np.arange(len(regions)), [r.upper() for r in regions])

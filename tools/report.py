@@ -84,10 +84,11 @@ def fold_means(per_fold: dict[int, dict[str, dict[str, float]]], metric: str) ->
     return means
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std; the std is ``None`` for a single value (one fold has no spread to report)."""
     if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return math.nan, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def aggregate(results: dict) -> dict[str, dict[str, dict[str, float]]]:
@@ -104,17 +105,22 @@ def aggregate(results: dict) -> dict[str, dict[str, dict[str, float]]]:
 def _cell(stats: dict[str, float], digits: int) -> str:
     if not math.isfinite(stats["mean"]):
         return "–"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def markdown_table(rows, agg: dict, first_columns: tuple[str, ...]) -> str:
-    """Rows ``(model, *first column values)``; Dice (0–1) and HD95 (mm) columns as mean ± std over folds."""
-    header = list(first_columns) + [f"Dice {r.upper()}" for r in REGIONS] + [f"HD95 {r.upper()} (mm)" for r in REGIONS]
+    """Rows ``(model, *first column values)``; Dice (0–1) and HD95 (mm) columns as mean ± std over folds,
+    then the number of folds behind the row (rows of one table may come from different ``--run_folds``)."""
+    header = (list(first_columns) + [f"Dice {r.upper()}" for r in REGIONS] + [f"HD95 {r.upper()} (mm)" for r in REGIONS]
+              + ["Folds"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, *labels in rows:
         if model not in agg:
             continue
         cells = [_cell(agg[model][f"dice_{r}"], 3) for r in REGIONS] + [_cell(agg[model][f"hd95_{r}"], 1) for r in REGIONS]
+        cells.append(str(agg[model]["dice_wt"]["folds"]))
         lines.append("| " + " | ".join(list(labels) + cells) + " |")
     return "\n".join(lines)
 
@@ -154,7 +160,8 @@ def write_report(out: str | Path) -> Path:
         f"- versions: python {env.get('python')}, torch {env.get('torch')}, monai {env.get('monai')}, numpy {env.get('numpy')}; device: {env.get('device')}",
         f"- git commit: `{env.get('git_commit')}`{' (with uncommitted changes)' if env.get('git_dirty') else ''}",
         "- Dice in [0, 1] and HD95 in mm, computed per case in the original geometry with the BraTS empty-mask rules;"
-        " each cell is the mean ± standard deviation over folds of the per-fold mean over that fold's test cases.",
+        " each cell is the mean ± standard deviation over folds of the per-fold mean over that fold's test cases"
+        " (a single number where only one fold was run).",
         "",
     ]
     if any(m in agg for m, _ in TABLE1):
