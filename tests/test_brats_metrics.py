@@ -199,3 +199,21 @@ def test_metric_summary_of_metrics_saver_csvs(tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["dice_raw.csv", "dice_summary.csv", "hd95_wt_raw.csv", "summary.json"], "a temp file was left"
 
+
+
+@pytest.mark.parametrize("bundle", ["teacher", "kd_student", "ensemble", "omni_student"])
+def test_checkpoint_selection_does_not_reward_a_network_that_never_predicts_et(bundle):
+    """Case A has no ET, case B has. Network X predicts no ET anywhere; Y finds B's ET and has a false
+    positive on A. Under the BraTS rule both score 0.5 (X: 1 + 0, Y: 0 + 1), so on a small validation
+    set a checkpoint that has not learned ET yet wins ties and early plateaus. The validation Dice
+    that selects ``model.pt`` must prefer Y."""
+    metric_id = "validate#key_metric#val_mean_dice#metric_fn"
+    reference = torch.cat([empty(), cube()])  # [2, 1, ...]: A, B
+    never = torch.cat([empty(), empty()])
+    finds = torch.cat([cube(), cube()])
+    scores = {}
+    for name, pred in (("never", never), ("finds", finds)):
+        metric = bundle_config(bundle, "train.json").get_parsed_content(metric_id)
+        metric(pred, reference)
+        scores[name] = metric.aggregate().item()
+    assert scores["finds"] > scores["never"], scores
