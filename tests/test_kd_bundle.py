@@ -148,6 +148,16 @@ def test_default_objective_is_the_full_kd_net_loss():
     assert (kd.temperature, kd.student_temperature) == (5.0, 1.0)
 
 
+@pytest.mark.parametrize("value", [False, True])
+def test_teacher_cpu_bf16_reaches_the_frozen_teacher(value):
+    with bundle_scripts_on_path(STUDENT):
+        parser = bundle_config(STUDENT, "train.json")
+        assert parser.get_parsed_content("teacher_cpu_bf16") is False  # opt-in
+        parser["teacher_cpu_bf16"] = value
+        teacher = parser.get_parsed_content("train#frozen_teacher")
+    assert teacher.cpu_bf16 is value
+
+
 def test_student_temperature_reaches_the_kd_loss():
     with bundle_scripts_on_path(STUDENT):
         parser = bundle_config(STUDENT, "train.json")

@@ -208,6 +208,24 @@ def test_teacher_rejects_bad_configuration():
 
 
 # ---- KDTrainer with the online teacher ----
+def test_cpu_bf16_teacher_returns_float32_targets_close_to_the_float32_teacher(teacher_ckpt):
+    torch.manual_seed(2)
+    image = torch.randn(2, 4, SIZE, SIZE, SIZE)
+    exact = teacher_mod.FrozenTeacher(TinyEncDec(4), teacher_ckpt)
+    fast = teacher_mod.FrozenTeacher(TinyEncDec(4), teacher_ckpt, cpu_bf16=True)
+    exact.load("cpu")
+    fast.load("cpu")
+    logits, bottleneck_out = fast.infer(image)
+    ref_logits, ref_bottleneck = exact.infer(image)
+    # the losses get float32 targets, and the weights stay float32 (autocast, not a cast of the network)
+    assert logits.dtype == bottleneck_out.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in fast.network.parameters())
+    # computed in bfloat16 (8-bit mantissa): close to, but not bit-identical with, the float32 teacher
+    assert not torch.equal(logits, ref_logits)
+    torch.testing.assert_close(logits, ref_logits, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(bottleneck_out, ref_bottleneck, rtol=0.05, atol=0.05)
+
+
 def test_kd_training_keeps_teacher_frozen_and_trains_student(teacher_ckpt):
     torch.manual_seed(2)
     teacher_net, student = TinyEncDec(4), TinyEncDec(1)

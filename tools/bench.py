@@ -182,8 +182,8 @@ class TrainingSteps:
     ``kd_cached``: ``KDTrainer`` with the Teacher's targets already in the batch.
     ``teacher_forward``: ``FrozenTeacher`` alone (explains the online overhead).
     ``baseline_copy``: a second, identical baseline: its ratio to ``baseline`` is the noise floor (an A/A test).
-    ``kd_online_bf16_teacher`` (CPU only, a diagnostic, not what the bundle runs): ``kd_online`` with the
-    Teacher's forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+    ``kd_online_bf16_teacher`` (CPU only): ``kd_online`` with ``FrozenTeacher(cpu_bf16=True)``, the
+    bundle's opt-in ``teacher_cpu_bf16`` (the Teacher's forward under bfloat16 autocast).
     """
 
     def __init__(self, device: str, batch_size: int, spatial: tuple[int, int, int], filters: Sequence[int], workdir: Path):
@@ -215,6 +215,8 @@ class TrainingSteps:
         torch.save({"model": net(4).state_dict()}, checkpoint)
         self.teacher = scripts.teacher.FrozenTeacher(net(4), checkpoint, amp=amp)
         self.teacher.load(self.device)
+        self.teacher_bf16 = scripts.teacher.FrozenTeacher(net(4), checkpoint, cpu_bf16=True)
+        self.teacher_bf16.load(self.device)
         self.baseline = trainer(SupervisedTrainer, net(1), gt_loss())
         self.baseline_copy = trainer(SupervisedTrainer, net(1), gt_loss())
         self.online = trainer(scripts.trainer.KDTrainer, net(1), objective())
@@ -223,13 +225,12 @@ class TrainingSteps:
         self.online_keys = ("image", "teacher_image", "label")
         self.cached_keys = ("image", "label", "teacher_logits", "teacher_bottleneck")
 
-    def _step(self, engine, keys, teacher_context=None) -> None:
+    def _step(self, engine, keys, teacher=None) -> None:
         """What one Ignite iteration runs: ``ITERATION_STARTED`` handlers (the Teacher, when online), then ``_iteration``."""
         engine.state.iteration += 1
         engine.state.batch = {k: self.batch[k] for k in keys}
-        if teacher_context is not None:
-            with teacher_context:
-                self.teacher(engine)
+        if teacher is not None:
+            teacher(engine)
         engine._iteration(engine, engine.state.batch)
 
     def run_baseline(self) -> None:
@@ -239,12 +240,10 @@ class TrainingSteps:
         self._step(self.baseline_copy, ("image", "label"))
 
     def run_online(self) -> None:
-        self._step(self.online, self.online_keys, contextlib.nullcontext())
+        self._step(self.online, self.online_keys, self.teacher)
 
     def run_online_bf16_teacher(self) -> None:
-        import torch
-
-        self._step(self.online_bf16, self.online_keys, torch.autocast("cpu", dtype=torch.bfloat16))
+        self._step(self.online_bf16, self.online_keys, self.teacher_bf16)
 
     def run_cached(self) -> None:
         self._step(self.cached, self.cached_keys)
