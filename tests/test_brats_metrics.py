@@ -42,23 +42,24 @@ def empty() -> torch.Tensor:
 # Dice: MONAI's DiceMetric as the bundles configure it
 
 
-DICE_METRICS = [
-    ("train.json", "validate#key_metric#val_mean_dice"),
-    ("train.json", "validate#additional_metrics#val_dice_tc"),
-    ("train.json", "validate#additional_metrics#val_dice_wt"),
-    ("train.json", "validate#additional_metrics#val_dice_et"),
-    ("evaluate.json", "validate#key_metric#dice"),
-    ("evaluate.json", "validate#additional_metrics#dice_tc"),
-    ("evaluate.json", "validate#additional_metrics#dice_wt"),
-    ("evaluate.json", "validate#additional_metrics#dice_et"),
+EVALUATION_DICE = [
+    "validate#key_metric#dice",
+    "validate#additional_metrics#dice_tc",
+    "validate#additional_metrics#dice_wt",
+    "validate#additional_metrics#dice_et",
+]
+VALIDATION_DICE = [
+    "validate#key_metric#val_mean_dice",
+    "validate#additional_metrics#val_dice_tc",
+    "validate#additional_metrics#val_dice_wt",
+    "validate#additional_metrics#val_dice_et",
 ]
 
 
-@pytest.mark.parametrize("config, metric_id", DICE_METRICS)
-def test_configured_dice_follows_the_brats_empty_mask_rule(config, metric_id):
-    """The DiceMetric objects the teacher's validation and evaluation configs build."""
-    configs = ["train.json"] if config == "train.json" else ["train.json", config]
-    metric = bundle_config("teacher", configs).get_parsed_content(f"{metric_id}#metric_fn")
+@pytest.mark.parametrize("metric_id", EVALUATION_DICE)
+def test_evaluation_dice_follows_the_brats_empty_mask_rule(metric_id):
+    """The DiceMetric objects the teacher's evaluation config builds (the reported numbers)."""
+    metric = bundle_config("teacher", ["train.json", "evaluate.json"]).get_parsed_content(f"{metric_id}#metric_fn")
     assert isinstance(metric, DiceMetric)
     assert metric(empty(), empty()).item() == 1.0, "empty prediction of an empty reference is perfect"
     metric.reset()
@@ -69,8 +70,23 @@ def test_configured_dice_follows_the_brats_empty_mask_rule(config, metric_id):
     assert metric(cube((0, 0, 3)), cube()).item() == pytest.approx(0.5)  # half of each cube overlaps
 
 
+@pytest.mark.parametrize("metric_id", VALIDATION_DICE)
+def test_validation_dice_skips_empty_references(metric_id):
+    """The validation Dice (checkpoint selection) leaves cases with an empty reference out (NaN, not
+    averaged), whatever the prediction; on the other cases it is the usual Dice."""
+    metric = bundle_config("teacher", "train.json").get_parsed_content(f"{metric_id}#metric_fn")
+    assert isinstance(metric, DiceMetric)
+    assert math.isnan(metric(empty(), empty()).item())
+    metric.reset()
+    assert math.isnan(metric(cube(), empty()).item())
+    metric.reset()
+    assert metric(empty(), cube()).item() == 0.0
+    metric.reset()
+    assert metric(cube((0, 0, 3)), cube()).item() == pytest.approx(0.5)
+
+
 def test_monai_default_dice_would_give_nan_on_empty_masks():
-    """Why the configs set ``ignore_empty=False``: MONAI's default drops empty references as NaN."""
+    """Why evaluate.json sets ``ignore_empty=False``: MONAI's default drops empty references as NaN."""
     assert math.isnan(DiceMetric()(empty(), empty()).item())
     assert DiceMetric(ignore_empty=False)(empty(), empty()).item() == 1.0
 
