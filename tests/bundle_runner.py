@@ -1,19 +1,17 @@
 """Run a bundle the way a user does (``python -m monai.bundle run``), in a subprocess.
 
-Every bundle ships a package called ``scripts`` and ``monai.bundle run`` imports it from the bundle
-root, so two bundles cannot run in one Python process; tests therefore run each bundle command in
-its own interpreter (this venv's ``sys.executable``). :func:`bundle_scripts_on_path` is the
-in-process alternative for quick checks (config parsing, network construction) of one bundle.
+Bundle code lives in the installed ``brats_kd`` package, so a config can also be parsed in-process
+(:func:`bundle_config`) for quick checks; training and inference run in their own interpreter (this
+venv's ``sys.executable``), as a user runs them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,37 +101,8 @@ def run_bundle(
     return proc
 
 
-@contextlib.contextmanager
-def bundle_scripts_on_path(bundle: str | os.PathLike) -> Iterator[Path]:
-    """Make ``import scripts`` resolve to ``bundle``'s package inside the ``with`` block.
-
-    Any ``scripts`` modules imported before are set aside and restored afterwards, and the
-    bundle's own are removed, so the next bundle (or test) cannot pick up the wrong package.
-    """
-    root = bundle_dir(bundle)
-
-    def ours(name: str) -> bool:
-        return name == "scripts" or name.startswith("scripts.")
-
-    saved_path = list(sys.path)
-    saved_modules = {name: mod for name, mod in sys.modules.items() if ours(name)}
-    for name in saved_modules:
-        del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        yield root
-    finally:
-        for name in [name for name in sys.modules if ours(name)]:
-            del sys.modules[name]
-        sys.modules.update(saved_modules)
-        sys.path[:] = saved_path
-
-
 def bundle_config(bundle: str | os.PathLike, configs: str | Sequence[str], **overrides):
-    """A ``ConfigParser`` holding ``bundle``'s ``configs`` with ``bundle_root`` and ``overrides`` applied.
-
-    Resolve ``scripts.*`` components only inside :func:`bundle_scripts_on_path` for the same bundle.
-    """
+    """A ``ConfigParser`` holding ``bundle``'s ``configs`` with ``bundle_root`` and ``overrides`` applied."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from tests.bundle_imports import ROOT
+from tests.bundle_runner import ROOT
 
 
 def run_experiment(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

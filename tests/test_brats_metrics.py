@@ -1,6 +1,6 @@
 """BraTS evaluation rules on hand-made masks: Dice and HD95 for empty masks, HD95 in mm from the
 affine, nested label painting, the label-map writer and the metric summary
-(``bundles/teacher/scripts/brats.py``; the other bundles carry byte-identical copies).
+(``brats_kd.labels``, ``brats_kd.metrics``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 
-from tests.bundle_imports import import_bundle_scripts
+from brats_kd import labels as label_maps
+from brats_kd import metrics
 from tests.bundle_runner import bundle_config
-
-brats = import_bundle_scripts("teacher", "brats")
 
 # MONAI warns about every empty mask; here empty masks are the point
 pytestmark = pytest.mark.filterwarnings("ignore:the (ground truth|prediction) of class:UserWarning")
@@ -96,15 +95,15 @@ def test_monai_default_dice_would_give_nan_on_empty_masks():
 
 
 def test_hd95_both_empty_is_zero_and_one_empty_is_the_penalty():
-    metric = brats.BratsHausdorffDistance95Metric()
+    metric = metrics.BratsHausdorffDistance95Metric()
     assert metric(empty(), empty()).item() == 0.0
     assert metric(cube(), empty()).item() == pytest.approx(PENALTY)
     assert metric(empty(), cube()).item() == pytest.approx(PENALTY)
-    assert brats.BRATS_HD95_PENALTY_MM == PENALTY
+    assert metrics.BRATS_HD95_PENALTY_MM == PENALTY
 
 
 def test_hd95_applies_the_empty_rule_per_channel():
-    metric = brats.BratsHausdorffDistance95Metric()
+    metric = metrics.BratsHausdorffDistance95Metric()
     pred = torch.cat([empty(), cube(), empty(), cube((2, 0, 0))], dim=1)
     ref = torch.cat([empty(), empty(), cube(), cube()], dim=1)
     result = metric(pred, ref)[0].tolist()
@@ -119,7 +118,7 @@ def test_hd95_of_a_shifted_cube_is_the_shift_in_mm_from_an_anisotropic_affine(ax
     )
     shift = [0, 0, 0]
     shift[axis] = 3
-    metric = brats.BratsHausdorffDistance95Metric()
+    metric = metrics.BratsHausdorffDistance95Metric()
     ref = MetaTensor(cube(), affine=affine)
     assert metric(cube(tuple(shift)), ref).item() == pytest.approx(expected_mm)
     metric.reset()
@@ -128,7 +127,7 @@ def test_hd95_of_a_shifted_cube_is_the_shift_in_mm_from_an_anisotropic_affine(ax
 
 
 def test_hd95_without_an_affine_is_in_voxels():
-    metric = brats.BratsHausdorffDistance95Metric()
+    metric = metrics.BratsHausdorffDistance95Metric()
     assert metric(cube((0, 0, 3)), cube()).item() == pytest.approx(3.0)
 
 
@@ -142,7 +141,7 @@ def test_regions_are_painted_nested_wt_then_tc_then_et():
     wt = torch.tensor([0, 1, 1, 1, 1, 0], dtype=torch.float32)
     et = torch.tensor([0, 0, 0, 1, 1, 0], dtype=torch.float32)
     regions = torch.stack([tc, wt, et]).reshape(3, 6, 1, 1)
-    labels = brats.regions_to_brats_labels(regions)
+    labels = label_maps.regions_to_brats_labels(regions)
     assert labels.shape == (1, 6, 1, 1)
     assert labels.dtype == torch.uint8
     assert labels.flatten().tolist() == [0, 2, 1, 4, 4, 1]
@@ -150,7 +149,7 @@ def test_regions_are_painted_nested_wt_then_tc_then_et():
 
 def test_regions_to_labels_rejects_anything_but_three_channels():
     with pytest.raises(ValueError, match="3 region channels"):
-        brats.regions_to_brats_labels(torch.zeros(4, 2, 2, 2))
+        label_maps.regions_to_brats_labels(torch.zeros(4, 2, 2, 2))
 
 
 def test_label_painting_round_trips_monai_region_conversion():
@@ -160,7 +159,7 @@ def test_label_painting_round_trips_monai_region_conversion():
     rng = np.random.default_rng(0)
     labels = rng.choice([0, 1, 2, 4], size=(1, 8, 8, 8)).astype(np.uint8)
     regions = ConvertToMultiChannelBasedOnBratsClasses()(labels)
-    painted = brats.RegionsToBratsLabelsd(keys="seg")({"seg": torch.as_tensor(regions)})["seg"]
+    painted = label_maps.RegionsToBratsLabelsd(keys="seg")({"seg": torch.as_tensor(regions)})["seg"]
     np.testing.assert_array_equal(painted.numpy(), labels)
 
 
@@ -171,7 +170,7 @@ def test_save_label_map_writes_uint8_case_file_with_the_affine_and_no_temp_file(
     labels[0, 2, 3, 4] = 4
     labels[0, 1, 2, 3] = 1
     out = tmp_path / "pred"
-    writer = brats.SaveBratsLabelMapd(keys="seg", output_dir=str(out))
+    writer = label_maps.SaveBratsLabelMapd(keys="seg", output_dir=str(out))
     data = {"seg": MetaTensor(labels, affine=torch.as_tensor(affine)), "case_id": "BraTS2021_00042"}
     result = writer(data)
     assert result["seg"] is data["seg"], "the writer passes the data through"
@@ -197,7 +196,7 @@ def test_metric_summary_of_metrics_saver_csvs(tmp_path):
         "filename,class0,mean\ncase_a,3.0,3.0\ncase_b,5.0,5.0\ncase_c,373.13,373.13\n"
     )
     (tmp_path / "dice_summary.csv").write_text("class,mean\nclass0,0.5\n")  # not per case: ignored
-    summary = brats.write_metric_summary(str(tmp_path))
+    summary = metrics.write_metric_summary(str(tmp_path))
 
     assert set(summary) == {"dice_class0", "dice_class1", "dice_class2", "hd95_wt"}
     a = summary["dice_class0"]

@@ -1,6 +1,5 @@
-"""Files every bundle carries as its own copy (a zoo bundle ships as one self-contained folder) must
-not drift apart: a fix made in one bundle has to reach all of them.
-"""
+"""Files every bundle carries as its own copy (logging.conf, LICENSE) must not drift apart; shared
+code is not copied at all: it lives once, in the ``brats_kd`` package."""
 
 from __future__ import annotations
 
@@ -11,19 +10,13 @@ import pytest
 
 from tests.bundle_runner import BUNDLES
 
-# file → bundles that must have it; every other bundle that has it must carry the same bytes
-SHARED_CODE = {
-    "scripts/network.py": {"teacher", "kd_student"},
-    "scripts/brats.py": {"teacher", "kd_student"},
-    "scripts/reliability.py": {"teacher", "kd_student"},
-}
 # files every bundle must have, identical everywhere
 EVERY_BUNDLE = ("configs/logging.conf", "LICENSE")
 
 
 def bundles() -> list[Path]:
-    """Bundle folders: the directories under ``bundles/`` with configs or scripts."""
-    return sorted(p for p in BUNDLES.iterdir() if p.is_dir() and ((p / "configs").is_dir() or (p / "scripts").is_dir()))
+    """Bundle folders: the directories under ``bundles/`` with configs."""
+    return sorted(p for p in BUNDLES.iterdir() if p.is_dir() and (p / "configs").is_dir())
 
 
 def digest(path: Path) -> str:
@@ -47,12 +40,10 @@ def test_the_known_bundles_are_found():
     assert {"teacher", "kd_student"} <= names
 
 
-@pytest.mark.parametrize("relative", sorted(SHARED_CODE))
-def test_shared_code_is_byte_identical_in_every_bundle_that_has_it(relative):
-    copies = [b / relative for b in bundles() if (b / relative).is_file()]
-    missing = SHARED_CODE[relative] - {bundle_of(p) for p in copies}
-    assert not missing, f"{relative} is missing from {sorted(missing)}"
-    assert_identical(relative, copies)
+def test_no_bundle_carries_python_code():
+    """Code more than one bundle uses lives in brats_kd; configs name its parts instead of copying it."""
+    code = sorted(str(p.relative_to(BUNDLES)) for p in BUNDLES.rglob("*.py"))
+    assert not code, f"Python files under bundles/: {code}; move shared code into brats_kd"
 
 
 @pytest.mark.parametrize("relative", EVERY_BUNDLE)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, BundleRunError, bundle_command, bundle_config, bundle_scripts_on_path, log_tail
+from tests.bundle_runner import BUNDLES, BundleRunError, bundle_command, bundle_config, log_tail
 
 ENSEMBLE = BUNDLES / "ensemble"
 MEMBERS = ("unet", "resunet", "cascade")
@@ -91,10 +91,9 @@ def models_dir(tmp_path_factory, datalist) -> Path:
 
 def member_network(member: str, **overrides) -> torch.nn.Module:
     """The member's network as train.json + member_<member>.json build it (tiny sizes)."""
-    with bundle_scripts_on_path(ENSEMBLE):
-        return bundle_config(ENSEMBLE, ["train.json", f"member_{member}.json"], **ENSEMBLE_TINY, **overrides).get_parsed_content(
-            "network_def"
-        )
+    return bundle_config(ENSEMBLE, ["train.json", f"member_{member}.json"], **ENSEMBLE_TINY, **overrides).get_parsed_content(
+        "network_def"
+    )
 
 
 def read_raw_csv(path: Path) -> dict[str, dict[str, float]]:
@@ -151,24 +150,22 @@ def test_inference_config_defines_the_same_members_as_train_config():
 def test_train_and_infer_workflows_have_the_required_properties(datalist):
     from monai.bundle import ConfigWorkflow
 
-    with bundle_scripts_on_path(ENSEMBLE):
-        for configs, workflow_type in ((["train.json", "member_cascade.json"], "train"), (["inference.json"], "infer")):
-            workflow = ConfigWorkflow(config_file=[str(ENSEMBLE / "configs" / c) for c in configs], workflow_type=workflow_type,
-                                      logging_file=False, bundle_root=str(ENSEMBLE), datalist=str(datalist), cache_rate=0.0,
-                                      **ENSEMBLE_TINY)
-            workflow.initialize()
-            assert workflow.check_properties() == [], f"{configs}: missing workflow properties"
+    for configs, workflow_type in ((["train.json", "member_cascade.json"], "train"), (["inference.json"], "infer")):
+        workflow = ConfigWorkflow(config_file=[str(ENSEMBLE / "configs" / c) for c in configs], workflow_type=workflow_type,
+                                  logging_file=False, bundle_root=str(ENSEMBLE), datalist=str(datalist), cache_rate=0.0,
+                                  **ENSEMBLE_TINY)
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{configs}: missing workflow properties"
 
 
 @pytest.mark.parametrize("value, expected", [(False, False), ("false", False), ("0", False), (True, True), ("true", True), ("True", True)])
 def test_command_line_flags_are_read_as_flags_not_by_truthiness(value, expected):
     """``--tta false`` reaches the config as the string 'false' (Fire parses Python literals only)."""
-    with bundle_scripts_on_path(ENSEMBLE):
-        infer = bundle_config(ENSEMBLE, ["inference.json", "pseudo_label.json"], tta=value, soft_labels=value)
-        train = bundle_config(ENSEMBLE, "train.json", resume=value)
-        assert len(infer.get_parsed_content("tta_flips")) == (4 if expected else 1)
-        assert infer.get_parsed_content("soft_labels_enabled") is expected
-        assert train.get_parsed_content("resume_enabled") is expected
+    infer = bundle_config(ENSEMBLE, ["inference.json", "pseudo_label.json"], tta=value, soft_labels=value)
+    train = bundle_config(ENSEMBLE, "train.json", resume=value)
+    assert len(infer.get_parsed_content("tta_flips")) == (4 if expected else 1)
+    assert infer.get_parsed_content("soft_labels_enabled") is expected
+    assert train.get_parsed_content("resume_enabled") is expected
 
 
 def test_training_transforms_follow_the_papers_augmentation(datalist):
@@ -181,14 +178,13 @@ def test_training_transforms_follow_the_papers_augmentation(datalist):
     flips = [t["spatial_axis"] for t in config["random_transforms"] if t["_target_"] == "RandFlipd"]
     assert flips == [0, 1], "mirroring only on the in-plane axes (the paper keeps the axial orientation)"
     assert all(t.get("channel_wise") for t in config["random_transforms"] if "Intensity" in t["_target_"])
-    with bundle_scripts_on_path(ENSEMBLE):
-        parser = bundle_config(ENSEMBLE, ["train.json", "member_unet.json"], datalist=str(datalist), **ENSEMBLE_TINY,
-                               affine_prob=1.0, intensity_prob=1.0)
-        contrast = parser.get_parsed_content("contrast_transforms")
-        assert [type(t).__name__ for t in contrast] == ["RandAdjustContrastd"] * 4  # one gamma per modality
-        case = parser.get_parsed_content("train_datalist")[0]
-        sample = parser.get_parsed_content("train#preprocessing")(dict(case))
-        val_case = parser.get_parsed_content("validate#preprocessing")(dict(case))
+    parser = bundle_config(ENSEMBLE, ["train.json", "member_unet.json"], datalist=str(datalist), **ENSEMBLE_TINY,
+                           affine_prob=1.0, intensity_prob=1.0)
+    contrast = parser.get_parsed_content("contrast_transforms")
+    assert [type(t).__name__ for t in contrast] == ["RandAdjustContrastd"] * 4  # one gamma per modality
+    case = parser.get_parsed_content("train_datalist")[0]
+    sample = parser.get_parsed_content("train#preprocessing")(dict(case))
+    val_case = parser.get_parsed_content("validate#preprocessing")(dict(case))
     sample = sample[0] if isinstance(sample, list) else sample
     assert tuple(sample["image"].shape) == (4, 32, 32, 32) and tuple(sample["label"].shape) == (3, 32, 32, 32)
     assert set(torch.unique(sample["label"]).tolist()) <= {0.0, 1.0}
@@ -238,26 +234,24 @@ def test_ensemble_and_single_member_evaluation_write_metrics_summary_and_label_m
 
 
 def test_flip_variants_are_the_four_in_plane_mirrorings():
-    with bundle_scripts_on_path(ENSEMBLE):
-        from scripts.ensemble import flip_variants
+    from brats_kd.ensemble import flip_variants
 
-        assert flip_variants(False) == [[]]
-        assert sorted(map(sorted, flip_variants(True))) == [[], [0], [0, 1], [1]]
+    assert flip_variants(False) == [[]]
+    assert sorted(map(sorted, flip_variants(True))) == [[], [0], [0, 1], [1]]
 
 
 def test_flipped_member_mirrors_input_and_output():
-    with bundle_scripts_on_path(ENSEMBLE):
-        from scripts.ensemble import Flipped
+    from brats_kd.ensemble import Flipped
 
-        class Probe(torch.nn.Module):  # not flip-equivariant: output depends on position
-            def forward(self, x):
-                ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
-                return x[:, :3] * ramp
+    class Probe(torch.nn.Module):  # not flip-equivariant: output depends on position
+        def forward(self, x):
+            ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
+            return x[:, :3] * ramp
 
-        x = torch.randn(1, 4, 6, 5, 4)
-        net = Probe()
-        expected = torch.flip(net(torch.flip(x, [2, 3])), [2, 3])
-        torch.testing.assert_close(Flipped(net, [0, 1])(x), expected)
-        torch.testing.assert_close(Flipped(net, [])(x), net(x))
-        with pytest.raises(ValueError):
-            Flipped(net, [0, 0])
+    x = torch.randn(1, 4, 6, 5, 4)
+    net = Probe()
+    expected = torch.flip(net(torch.flip(x, [2, 3])), [2, 3])
+    torch.testing.assert_close(Flipped(net, [0, 1])(x), expected)
+    torch.testing.assert_close(Flipped(net, [])(x), net(x))
+    with pytest.raises(ValueError):
+        Flipped(net, [0, 0])

@@ -1,12 +1,10 @@
-"""Networks of the ``ensemble`` bundle: the cascaded multi-encoder U-Net (``scripts/cascade.py``)
+"""Networks of the ``ensemble`` bundle: the cascaded multi-encoder U-Net (``brats_kd/networks/cascade.py``)
 and the two MONAI members as the bundle configures them.
 
 The member snippets below are written the way the bundle's JSON configs spell them (lists,
 not tuples), so they double as the reference for those configs.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +12,10 @@ from monai.bundle import ConfigParser
 from monai.networks.blocks.segresnet_block import ResBlock
 from monai.networks.nets import BasicUNet, SegResNet
 
-from tests.bundle_imports import import_bundle_scripts
 
-cascade = import_bundle_scripts("ensemble", "cascade")
+import brats_kd.networks.cascade as cascade
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundles" / "ensemble"
+
 
 MEMBER_CONFIGS = {
     "unet": {
@@ -43,7 +40,7 @@ MEMBER_CONFIGS = {
         "act": "RELU",
     },
     "cascade": {
-        "_target_": "scripts.cascade.CascadedUNet",
+        "_target_": "brats_kd.networks.CascadedUNet",
         "in_channels": 4,
         "out_channels": 3,
         "features": [16, 32, 64, 128],
@@ -59,23 +56,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def bundle_scripts_on_path():
-    """Make ``scripts`` resolve to the ensemble bundle's package, as ``monai.bundle run`` does,
-    and restore ``sys.path`` / ``sys.modules`` afterwards (other bundles ship a ``scripts`` too)."""
-    saved = {name: mod for name, mod in sys.modules.items() if name == "scripts" or name.startswith("scripts.")}
-    for name in saved:
-        del sys.modules[name]
-    sys.path.insert(0, str(BUNDLE_ROOT))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(BUNDLE_ROOT))
-        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
 def _build(config: dict) -> torch.nn.Module:
     return ConfigParser({"net": config}).get_parsed_content("net")
 
@@ -88,7 +68,7 @@ def _tiny_cascade(**kwargs) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("member", ["unet", "resunet", "cascade"])
-def test_member_forward_backward_shapes(bundle_scripts_on_path, member):
+def test_member_forward_backward_shapes(member):
     net = _build(MEMBER_CONFIGS[member])
     x = torch.randn(2, 4, 32, 32, 32)
     out = net(x)
@@ -103,9 +83,9 @@ def test_member_forward_backward_shapes(bundle_scripts_on_path, member):
         assert not dead, f"parameters with all-zero gradient: {dead}"
 
 
-def test_cascade_bundle_config_builds_the_bundle_class(bundle_scripts_on_path):
+def test_cascade_bundle_config_builds_the_bundle_class():
     net = _build({**MEMBER_CONFIGS["cascade"], "features": [4, 8], "coarse_scale": 4})
-    assert type(net).__name__ == "CascadedUNet" and type(net).__module__ == "scripts.cascade"
+    assert type(net).__name__ == "CascadedUNet" and type(net).__module__ == "brats_kd.networks.cascade"
     assert net.size_multiple == 8
     assert net(torch.randn(1, 4, 16, 8, 24)).shape == (1, 3, 16, 8, 24)
 

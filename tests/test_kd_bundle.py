@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, TINY, bundle_config, bundle_scripts_on_path, run_bundle
+from tests.bundle_runner import BUNDLES, TINY, bundle_config, run_bundle
 
 STUDENT = BUNDLES / "kd_student"
 TEACHER = BUNDLES / "teacher"
@@ -80,8 +80,7 @@ def student_run(trained_teacher, datalist, tmp_path_factory) -> StudentRun:
 @pytest.fixture(scope="module")
 def one_channel_teacher_ckpt(tmp_path_factory) -> Path:
     """A ``model.pt`` of the teacher bundle's T1ce baseline (1 input channel), untrained."""
-    with bundle_scripts_on_path(TEACHER):
-        net = bundle_config(TEACHER, ["train.json", "baseline.json"], **TINY).get_parsed_content("network_def")
+    net = bundle_config(TEACHER, ["train.json", "baseline.json"], **TINY).get_parsed_content("network_def")
     assert net.encoder[0].conv1.conv.in_channels == 1
     path = tmp_path_factory.mktemp("baseline") / "model.pt"
     torch.save({"model": net.state_dict()}, path)
@@ -102,16 +101,15 @@ def test_train_and_infer_workflows_have_the_required_properties(datalist, tmp_pa
         cache_rate=0.0,
         teacher_ckpt=str(tmp_path / "model.pt"),  # read only when training starts
     )
-    with bundle_scripts_on_path(STUDENT):
-        for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
-            workflow = ConfigWorkflow(
-                config_file=str(STUDENT / "configs" / config),
-                workflow_type=workflow_type,
-                logging_file=False,
-                **overrides,
-            )
-            workflow.initialize()
-            assert workflow.check_properties() == [], f"{config}: missing or misnamed workflow properties"
+    for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=str(STUDENT / "configs" / config),
+            workflow_type=workflow_type,
+            logging_file=False,
+            **overrides,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{config}: missing or misnamed workflow properties"
 
 
 def test_student_network_matches_its_metadata():
@@ -119,8 +117,7 @@ def test_student_network_matches_its_metadata():
     meta = json.loads((STUDENT / "configs" / "metadata.json").read_text())["network_data_format"]
     in_channels, out_channels = meta["inputs"]["image"]["num_channels"], meta["outputs"]["pred"]["num_channels"]
     assert (in_channels, out_channels) == (1, 3)
-    with bundle_scripts_on_path(STUDENT):
-        net = bundle_config(STUDENT, "inference.json").get_parsed_content("network_def")
+    net = bundle_config(STUDENT, "inference.json").get_parsed_content("network_def")
     net.eval()
     with torch.no_grad():
         assert tuple(net(torch.randn(1, in_channels, 64, 64, 64)).shape) == (1, out_channels, 64, 64, 64)
@@ -129,10 +126,9 @@ def test_student_network_matches_its_metadata():
 @pytest.mark.parametrize("override, weights", sorted(ABLATIONS.items()))
 def test_ablation_overrides_set_the_table_2_loss_weights(override, weights):
     lambda_kd, alpha_kl = weights
-    with bundle_scripts_on_path(STUDENT):
-        parser = bundle_config(STUDENT, ["train.json", override])
-        assert (parser.get_parsed_content("lambda_kd"), parser.get_parsed_content("alpha_kl")) == weights
-        objective = parser.get_parsed_content("loss")
+    parser = bundle_config(STUDENT, ["train.json", override])
+    assert (parser.get_parsed_content("lambda_kd"), parser.get_parsed_content("alpha_kl")) == weights
+    objective = parser.get_parsed_content("loss")
     assert (objective.lambda_kd, objective.alpha_kl) == (lambda_kd, alpha_kl)
     assert objective.needs_teacher_logits == (lambda_kd > 0)
     assert objective.needs_bottlenecks == (alpha_kl > 0)
@@ -142,27 +138,24 @@ def test_default_objective_is_the_full_kd_net_loss():
     parser = bundle_config(STUDENT, "train.json")
     assert (parser.get_parsed_content("lambda_kd"), parser.get_parsed_content("alpha_kl")) == (0.75, 10.0)
     assert parser.get_parsed_content("temperature") == 5.0
-    with bundle_scripts_on_path(STUDENT):
-        kd = parser.get_parsed_content("loss").kd_loss
+    kd = parser.get_parsed_content("loss").kd_loss
     # Eq. 2 as written: the teacher softened by T, the student not
     assert (kd.temperature, kd.student_temperature) == (5.0, 1.0)
 
 
 @pytest.mark.parametrize("value", [False, True])
 def test_teacher_cpu_bf16_reaches_the_frozen_teacher(value):
-    with bundle_scripts_on_path(STUDENT):
-        parser = bundle_config(STUDENT, "train.json")
-        assert parser.get_parsed_content("teacher_cpu_bf16") is False  # opt-in
-        parser["teacher_cpu_bf16"] = value
-        teacher = parser.get_parsed_content("train#frozen_teacher")
+    parser = bundle_config(STUDENT, "train.json")
+    assert parser.get_parsed_content("teacher_cpu_bf16") is False  # opt-in
+    parser["teacher_cpu_bf16"] = value
+    teacher = parser.get_parsed_content("train#frozen_teacher")
     assert teacher.cpu_bf16 is value
 
 
 def test_student_temperature_reaches_the_kd_loss():
-    with bundle_scripts_on_path(STUDENT):
-        parser = bundle_config(STUDENT, "train.json")
-        parser["student_temperature"] = 5.0
-        kd = parser.get_parsed_content("loss").kd_loss
+    parser = bundle_config(STUDENT, "train.json")
+    parser["student_temperature"] = 5.0
+    kd = parser.get_parsed_content("loss").kd_loss
     assert (kd.temperature, kd.student_temperature) == (5.0, 5.0)
 
 

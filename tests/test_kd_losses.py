@@ -1,4 +1,4 @@
-"""KD-Net losses (bundles/kd_student/scripts/losses.py) against independent float64 formulas."""
+"""KD-Net losses (brats_kd/losses.py) against independent float64 formulas."""
 
 import math
 
@@ -6,9 +6,8 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from tests.bundle_imports import import_bundle_scripts
 
-losses = import_bundle_scripts("kd_student", "losses")
+import brats_kd.losses as losses
 
 
 # ---- reference formulas, written out with plain float64 torch (no MONAI, no code under test) ----

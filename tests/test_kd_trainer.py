@@ -1,4 +1,4 @@
-"""BottleneckHook, FrozenTeacher and KDTrainer (bundles/kd_student/scripts) on a tiny encoder--decoder."""
+"""BottleneckHook, FrozenTeacher and KDTrainer (brats_kd) on a tiny encoder--decoder."""
 
 import copy
 
@@ -10,12 +10,11 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tests.bundle_imports import import_bundle_scripts
 
-losses = import_bundle_scripts("kd_student", "losses")
-bottleneck = import_bundle_scripts("kd_student", "bottleneck")
-teacher_mod = import_bundle_scripts("kd_student", "teacher")
-trainer_mod = import_bundle_scripts("kd_student", "trainer")
+import brats_kd.bottleneck as bottleneck
+import brats_kd.losses as losses
+import brats_kd.teacher as teacher_mod
+import brats_kd.trainer as trainer_mod
 
 SIZE = 8
 

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, ROOT, bundle_config, bundle_scripts_on_path, log_tail
+from tests.bundle_runner import BUNDLES, ROOT, bundle_config, log_tail
 
 pytestmark = pytest.mark.slow
 
@@ -150,8 +150,7 @@ def server(monailabel_python, tmp_path_factory):
         shutil.copytree(BUNDLES / name, bundle, ignore=BUNDLE_COPY_IGNORE)
         (bundle / "models").mkdir()
         torch.manual_seed(0)
-        with bundle_scripts_on_path(BUNDLES / name):
-            network = bundle_config(BUNDLES / name, "inference.json").get_parsed_content("network_def")
+        network = bundle_config(BUNDLES / name, "inference.json").get_parsed_content("network_def")
         torch.save({"model": network.state_dict()}, bundle / "models" / "model.pt")
     studies = work / "studies"
     studies.mkdir()
@@ -239,16 +238,15 @@ def bundle_inference(name: str, weights: Path, input_dir: Path, out: Path) -> No
     from monai.bundle import ConfigWorkflow
 
     root = BUNDLES / name
-    with bundle_scripts_on_path(root):
-        workflow = ConfigWorkflow(
-            config_file=str(root / "configs" / "inference.json"),
-            workflow_type="infer",
-            logging_file=False,
-            bundle_root=str(root),
-            input_dir=str(input_dir),
-            ckpt_dir=str(weights),
-            output_dir=str(out),
-        )
-        workflow.initialize()
-        workflow.run()
-        workflow.finalize()
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.json"),
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=str(root),
+        input_dir=str(input_dir),
+        ckpt_dir=str(weights),
+        output_dir=str(out),
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()

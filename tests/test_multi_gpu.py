@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, TINY, bundle_command, bundle_config, bundle_scripts_on_path, log_tail
+from tests.bundle_runner import BUNDLES, TINY, bundle_command, bundle_config, log_tail
 
 pytestmark = pytest.mark.slow
 
@@ -76,8 +76,7 @@ def check_run(bundle: str, proc: subprocess.CompletedProcess, work: Path, datali
     # model.pt is a plain {"model": state_dict} that the bundle's own network loads strictly
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert not [k for k in state if k.startswith("module.")], "DDP prefix in the saved weights"
-    with bundle_scripts_on_path(BUNDLES / bundle):
-        network = bundle_config(BUNDLES / bundle, "inference.json", **TINY).get_parsed_content("network_def")
+    network = bundle_config(BUNDLES / bundle, "inference.json", **TINY).get_parsed_content("network_def")
     network.load_state_dict(state, strict=True)
 
 

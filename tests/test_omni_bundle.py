@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, bundle_config, bundle_scripts_on_path
+from brats_kd.config import resolve_paths
+from tests.bundle_runner import BUNDLES, bundle_config
 from tests.test_ensemble_bundle import assert_label_map_like, run_parallel
 from tests.test_pseudo_label import pseudo_labelled
 
@@ -51,7 +51,7 @@ def student(tmp_path_factory, datalist, phantom_dataset) -> dict:
 
 
 def parsed(configs, **overrides):
-    """``(parser, scripts-on-path context)``: resolve inside the ``with`` block."""
+    """The omni-student bundle's ``configs`` at tiny sizes, with ``overrides``."""
     return bundle_config(OMNI, configs, **OMNI_TINY, **overrides)
 
 
@@ -62,20 +62,18 @@ def parsed(configs, **overrides):
 def test_workflows_have_the_required_properties(datalist):
     from monai.bundle import ConfigWorkflow
 
-    with bundle_scripts_on_path(OMNI):
-        for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
-            workflow = ConfigWorkflow(config_file=str(OMNI / "configs" / config), workflow_type=workflow_type,
-                                      logging_file=False, bundle_root=str(OMNI), datalist=str(datalist), cache_rate=0.0,
-                                      **OMNI_TINY)
-            workflow.initialize()
-            assert workflow.check_properties() == [], f"{config}: missing workflow properties"
+    for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
+        workflow = ConfigWorkflow(config_file=str(OMNI / "configs" / config), workflow_type=workflow_type,
+                                  logging_file=False, bundle_root=str(OMNI), datalist=str(datalist), cache_rate=0.0,
+                                  **OMNI_TINY)
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{config}: missing workflow properties"
 
 
 def test_student_is_the_residual_unet_without_vae():
     from monai.networks.nets import SegResNet
 
-    with bundle_scripts_on_path(OMNI):
-        net = parsed("train.json").get_parsed_content("network_def")
+    net = parsed("train.json").get_parsed_content("network_def")
     assert isinstance(net, SegResNet) and not hasattr(net, "vae_down")
     with torch.no_grad():
         assert tuple(net.eval()(torch.zeros(1, 4, 16, 16, 16)).shape) == (1, 3, 16, 16, 16)
@@ -86,11 +84,10 @@ def test_pseudo_cases_only_train_and_validation_and_test_sets_are_manual(student
     pseudo_ids = {e["case_id"] for e in combined["training"] if e["source"] == "pseudo"}
     manual = [e for e in combined["training"] if e["source"] == "manual"]
     assert pseudo_ids
-    with bundle_scripts_on_path(OMNI):
-        parser = parsed(["train.json", "evaluate.json"], datalist=str(student["hard_combined"]))
-        train_ids = [c["case_id"] for c in parser.get_parsed_content("train_datalist")]
-        val_ids = [c["case_id"] for c in parser.get_parsed_content("val_datalist")]
-        test_ids = [c["case_id"] for c in parser.get_parsed_content("test_datalist")]
+    parser = parsed(["train.json", "evaluate.json"], datalist=str(student["hard_combined"]))
+    train_ids = [c["case_id"] for c in parser.get_parsed_content("train_datalist")]
+    val_ids = [c["case_id"] for c in parser.get_parsed_content("val_datalist")]
+    test_ids = [c["case_id"] for c in parser.get_parsed_content("test_datalist")]
     assert pseudo_ids <= set(train_ids)
     assert not pseudo_ids & (set(val_ids) | set(test_ids))
     assert sorted(test_ids) == sorted(e["case_id"] for e in manual if e["fold"] == 0)
@@ -100,14 +97,14 @@ def test_pseudo_cases_only_train_and_validation_and_test_sets_are_manual(student
 def test_each_entry_is_mapped_with_its_own_label_convention(student):
     """Pseudo labels (BraTS 0/1/2/4, identity map) and soft labels (3 probability channels) next to
     manual labels: every item becomes TC/WT/ET channels."""
-    with bundle_scripts_on_path(OMNI):
-        items = {}
-        for kind, path in (("hard", student["hard_combined"]), ("soft", student["combined"])):
-            parser = parsed("train.json", datalist=str(path))
-            resolve = parser.get_parsed_content("resolve_paths")
-            transform = parser.get_parsed_content("validate#preprocessing")
-            for entry in parser.get_parsed_content("datalist_json")["training"][-1:] + parser.get_parsed_content("datalist_json")["training"][:1]:
-                items[(kind, entry["source"])] = transform(resolve(entry))
+    items = {}
+    for kind, path in (("hard", student["hard_combined"]), ("soft", student["combined"])):
+        parser = parsed("train.json", datalist=str(path))
+        settings = [parser.get_parsed_content(k) for k in ("dataset_dir", "path_keys", "entry_defaults", "entry_keys")]
+        resolve = lambda entry: resolve_paths([entry], *settings)[0]  # noqa: E731
+        transform = parser.get_parsed_content("validate#preprocessing")
+        for entry in parser.get_parsed_content("datalist_json")["training"][-1:] + parser.get_parsed_content("datalist_json")["training"][:1]:
+            items[(kind, entry["source"])] = transform(resolve(entry))
     for key, item in items.items():
         assert tuple(item["label"].shape[:1]) == (3,), key
         assert "label_map" not in item and "label_format" not in item, "per-entry keys are consumed"
@@ -119,33 +116,32 @@ def test_each_entry_is_mapped_with_its_own_label_convention(student):
 
 
 def test_entry_label_to_regions_maps_2023_msd_and_pseudo_values():
-    with bundle_scripts_on_path(OMNI):
-        from scripts.labels import EntryLabelToRegionsd
+    from brats_kd.regions import EntryLabelToRegionsd
 
-        transform = EntryLabelToRegionsd("label", default_label_map={"orig": [1, 2, 4], "target": [1, 2, 4]})
-        label = torch.tensor([0, 1, 2, 3, 4], dtype=torch.float32).view(1, 5, 1, 1)
-        maps = {
-            # values 1..4; a value outside "orig" is left as it is (4 stays ET, 3 is no BraTS class)
-            "brats2023": ({"orig": [1, 2, 3], "target": [1, 2, 4]}, ["ncr", "ed", "et", "et"]),
-            "msd": ({"orig": [1, 2, 3], "target": [2, 1, 4]}, ["ed", "ncr", "et", "et"]),
-            "pseudo": ({"orig": [1, 2, 4], "target": [1, 2, 4]}, ["ncr", "ed", None, "et"]),
-        }
-        # region membership (TC, WT, ET) of each tissue
-        regions = {"ncr": [1, 1, 0], "ed": [0, 1, 0], "et": [1, 1, 1], None: [0, 0, 0]}
-        for name, (label_map, tissues) in maps.items():
-            out = transform({"label": label, "label_map": label_map, "label_format": "labels"})
-            assert "label_map" not in out and "label_format" not in out
-            got = out["label"][:, :, 0, 0].T.tolist()  # one row per input value 0..4
-            assert got[0] == [0, 0, 0], name
-            assert got[1:] == [regions[t] for t in tissues], name
-        # no per-entry keys: the default (dataset) convention and hard labels
-        assert transform({"label": label})["label"][:, 4, 0, 0].tolist() == [1, 1, 1]
-        probs = torch.rand(3, 2, 2, 2)
-        torch.testing.assert_close(transform({"label": probs, "label_format": "probabilities"})["label"], probs)
-        with pytest.raises(ValueError, match="3 channels"):
-            transform({"label": label, "label_format": "probabilities"})
-        with pytest.raises(ValueError, match="label_format"):
-            transform({"label": label, "label_format": "onehot"})
+    transform = EntryLabelToRegionsd("label", default_label_map={"orig": [1, 2, 4], "target": [1, 2, 4]})
+    label = torch.tensor([0, 1, 2, 3, 4], dtype=torch.float32).view(1, 5, 1, 1)
+    maps = {
+        # values 1..4; a value outside "orig" is left as it is (4 stays ET, 3 is no BraTS class)
+        "brats2023": ({"orig": [1, 2, 3], "target": [1, 2, 4]}, ["ncr", "ed", "et", "et"]),
+        "msd": ({"orig": [1, 2, 3], "target": [2, 1, 4]}, ["ed", "ncr", "et", "et"]),
+        "pseudo": ({"orig": [1, 2, 4], "target": [1, 2, 4]}, ["ncr", "ed", None, "et"]),
+    }
+    # region membership (TC, WT, ET) of each tissue
+    regions = {"ncr": [1, 1, 0], "ed": [0, 1, 0], "et": [1, 1, 1], None: [0, 0, 0]}
+    for name, (label_map, tissues) in maps.items():
+        out = transform({"label": label, "label_map": label_map, "label_format": "labels"})
+        assert "label_map" not in out and "label_format" not in out
+        got = out["label"][:, :, 0, 0].T.tolist()  # one row per input value 0..4
+        assert got[0] == [0, 0, 0], name
+        assert got[1:] == [regions[t] for t in tissues], name
+    # no per-entry keys: the default (dataset) convention and hard labels
+    assert transform({"label": label})["label"][:, 4, 0, 0].tolist() == [1, 1, 1]
+    probs = torch.rand(3, 2, 2, 2)
+    torch.testing.assert_close(transform({"label": probs, "label_format": "probabilities"})["label"], probs)
+    with pytest.raises(ValueError, match="3 channels"):
+        transform({"label": label, "label_format": "probabilities"})
+    with pytest.raises(ValueError, match="label_format"):
+        transform({"label": label, "label_format": "onehot"})
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -156,12 +152,11 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def test_missing_datalist_and_mismatched_ensemble_fold_fail_clearly(student, tmp_path):
-    with bundle_scripts_on_path(OMNI):
-        with pytest.raises(RuntimeError) as missing:
-            parsed("train.json", datalist=str(tmp_path / "missing.json")).get_parsed_content("initialize#0")
-        with pytest.raises(RuntimeError) as mismatch:
-            parsed("train.json", datalist=str(student["combined"]), fold=1).get_parsed_content("initialize#1")
-        assert parsed("train.json", datalist=str(student["combined"])).get_parsed_content("initialize#1")
+    with pytest.raises(RuntimeError) as missing:
+        parsed("train.json", datalist=str(tmp_path / "missing.json")).get_parsed_content("initialize#0")
+    with pytest.raises(RuntimeError) as mismatch:
+        parsed("train.json", datalist=str(student["combined"]), fold=1).get_parsed_content("initialize#1")
+    assert parsed("train.json", datalist=str(student["combined"])).get_parsed_content("initialize#1")
     assert isinstance(root_cause(missing.value), FileNotFoundError)
     assert "run the ensemble bundle pseudo-labelling first" in str(root_cause(missing.value))
     assert isinstance(root_cause(mismatch.value), ValueError)
@@ -182,8 +177,7 @@ def test_trains_one_epoch_on_manual_plus_pseudo_cases(student):
     models = student["work"] / "models"
     assert (models / "checkpoint.pt").is_file()
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
-    with bundle_scripts_on_path(OMNI):
-        parsed("train.json").get_parsed_content("network_def").load_state_dict(state["model"])
+    parsed("train.json").get_parsed_content("network_def").load_state_dict(state["model"])
 
 
 def test_evaluation_scores_the_manual_test_fold_only(student, datalist_json):

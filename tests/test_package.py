@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, ROOT, TINY, bundle_config, bundle_scripts_on_path
+from tests.bundle_runner import BUNDLES, ROOT, TINY, bundle_config
 from tools.package import PackageError, build, package
 
 pytestmark = pytest.mark.slow
@@ -22,8 +24,7 @@ STUDENT = BUNDLES / "kd_student"
 def random_weights(path, **overrides) -> dict:
     """A randomly initialised kd_student network saved as ``{"model": state_dict}``; the state dict."""
     torch.manual_seed(0)
-    with bundle_scripts_on_path(STUDENT):
-        network = bundle_config(STUDENT, "inference.json", **overrides).get_parsed_content("network_def")
+    network = bundle_config(STUDENT, "inference.json", **overrides).get_parsed_content("network_def")
     state = network.state_dict()
     torch.save({"model": state}, path)
     return state
@@ -52,8 +53,9 @@ def test_package_zips_the_bundle_and_loads_its_weights_with_monai(student_copy, 
         "configs/metadata.json",
         "configs/inference.json",
         "configs/train.json",
-        "scripts/__init__.py",
-        "scripts/losses.py",
+        "brats_kd/__init__.py",
+        "brats_kd/losses.py",
+        "brats_kd/networks/encoder_decoder.py",
         "docs/README.md",
         "LICENSE",
         "large_files.yml",
@@ -63,6 +65,14 @@ def test_package_zips_the_bundle_and_loads_its_weights_with_monai(student_copy, 
     assert all(name.startswith("kd_student/") for name in names), "one top folder named after the zip"
     for unwanted in ("runs/", "eval/", "__pycache__", ".pyc", "checkpoint.pt", "datalist.json"):
         assert not [n for n in names if unwanted in n], unwanted
+
+    import brats_kd
+
+    packaged = json.loads(zipfile.ZipFile(result["zip"]).read("kd_student/configs/metadata.json"))
+    assert packaged["vendored_packages"] == {"brats_kd": brats_kd.__version__}
+    assert {n[len("kd_student/"):] for n in names if n.startswith("kd_student/brats_kd/")} == {
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "brats_kd").rglob("*.py")
+    }, "the whole package, Python files only"
 
     report = result["check"]["networks"]["network_def"]
     assert report["weights"] == "models/model.pt"
@@ -101,3 +111,66 @@ def test_build_refuses_incomplete_bundles_and_single_weights_for_an_ensemble(tmp
     with pytest.raises(PackageError, match="several networks"):
         build(BUNDLES / "ensemble", tmp_path / "ensemble.zip", weights=weights)
     assert not list(tmp_path.glob("*.zip")), "nothing is written when packaging fails"
+
+
+# Started by PYTHONPATH in the bundle's subprocess: the installed brats_kd (site-packages, editable
+# finder) becomes unimportable; only a copy inside the bundle folder can be imported, and the file
+# it was imported from is written to $BRATS_KD_IMPORTED_FROM at exit.
+BLOCKER = r"""
+import atexit, importlib.machinery, os, sys
+
+BUNDLE = os.environ["BRATS_KD_BUNDLE"]
+
+
+class OnlyTheVendoredCopy:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "brats_kd":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, [BUNDLE])
+        if spec is None:
+            raise ImportError("brats_kd: the installed package is blocked and the bundle has no copy")
+        return spec
+
+
+sys.meta_path.insert(0, OnlyTheVendoredCopy())
+
+
+@atexit.register
+def record():
+    module = sys.modules.get("brats_kd")
+    with open(os.environ["BRATS_KD_IMPORTED_FROM"], "a") as f:
+        f.write((module.__file__ if module else "not imported") + "\n")
+"""
+
+
+def test_a_zip_unpacked_alone_trains_and_infers_without_the_installed_package(datalist, datalist_json, tmp_path):
+    """The zip of ``tools.package``, unpacked alone, trains one epoch and segments cases with ``brats_kd``
+    importable only from its vendored copy (run from the bundle folder, as the zoo's commands are)."""
+    build(BUNDLES / "teacher", tmp_path / "dist" / "teacher.zip")
+    zipfile.ZipFile(tmp_path / "dist" / "teacher.zip").extractall(tmp_path / "unpacked")
+    bundle = tmp_path / "unpacked" / "teacher"
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    imported_from = tmp_path / "imported_from.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(tmp_path / "blocker"), BRATS_KD_BUNDLE=str(bundle), BRATS_KD_IMPORTED_FROM=str(imported_from))
+
+    def run(config: str, **overrides) -> None:
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}"]
+        for key, value in {**TINY, "datalist": str(datalist), **overrides}.items():
+            command += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+        proc = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{config} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+    no_copy = dict(env, BRATS_KD_BUNDLE=str(tmp_path / "dist"))
+    probe = subprocess.run([sys.executable, "-c", "import brats_kd"], cwd=tmp_path, env=no_copy, capture_output=True, text=True)
+    assert probe.returncode != 0 and "installed package is blocked" in probe.stderr, "the blocker must work"
+
+    run("train.json", epochs=1, val_interval=1, cache_rate=0.0)
+    assert (bundle / "models" / "model.pt").is_file()
+    run("inference.json", output_dir=str(tmp_path / "predictions"))
+    unlabeled = sorted(c["case_id"] for c in datalist_json["unlabeled"])
+    assert unlabeled and sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [f"{c}.nii.gz" for c in unlabeled]
+    probe_line, *sources = imported_from.read_text().splitlines()
+    assert probe_line == "not imported"
+    assert len(sources) == 2 and all(Path(f).is_relative_to(bundle / "brats_kd") for f in sources), sources

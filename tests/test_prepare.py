@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tools import prepare
-from tools.atomic import write_json_atomic
+from brats_kd.io import write_json_atomic
 from tools.layouts import Case
 from tools.phantom import write_dataset
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import bundle_scripts_on_path
 from tests.test_ensemble_bundle import (
     ENSEMBLE,
     ENSEMBLE_TINY,
@@ -112,19 +111,18 @@ def test_data_folder_and_input_datalist_are_byte_identical_after_all_runs(sessio
 
 
 def test_output_guard_refuses_a_subfolder_or_parent_of_the_data_and_the_input_datalist(session, datalist, datalist_json, phantom_dataset):
-    with bundle_scripts_on_path(ENSEMBLE):
-        from scripts.pseudo_label import check_output_paths
+    from brats_kd.pseudo_label import check_output_paths
 
-        work = session["work"]
-        with pytest.raises(ValueError, match="is inside the data folder"):
-            check_output_paths(str(session["inside"]), str(work / "a.json"), str(datalist), datalist_json)
-        with pytest.raises(ValueError, match="contains the data folder"):
-            check_output_paths(str(phantom_dataset.parent), str(work / "a.json"), str(datalist), datalist_json)
-        with pytest.raises(ValueError, match="is the input datalist"):
-            check_output_paths(str(work / "ok"), str(datalist), str(datalist), datalist_json)
-        with pytest.raises(ValueError, match="inside the data folder"):
-            check_output_paths(str(work / "ok"), str(phantom_dataset / "new.json"), str(datalist), datalist_json)
-        check_output_paths(str(work / "ok"), str(work / "ok" / "datalist.json"), str(datalist), datalist_json)
+    work = session["work"]
+    with pytest.raises(ValueError, match="is inside the data folder"):
+        check_output_paths(str(session["inside"]), str(work / "a.json"), str(datalist), datalist_json)
+    with pytest.raises(ValueError, match="contains the data folder"):
+        check_output_paths(str(phantom_dataset.parent), str(work / "a.json"), str(datalist), datalist_json)
+    with pytest.raises(ValueError, match="is the input datalist"):
+        check_output_paths(str(work / "ok"), str(datalist), str(datalist), datalist_json)
+    with pytest.raises(ValueError, match="inside the data folder"):
+        check_output_paths(str(work / "ok"), str(phantom_dataset / "new.json"), str(datalist), datalist_json)
+    check_output_paths(str(work / "ok"), str(work / "ok" / "datalist.json"), str(datalist), datalist_json)
     assert not (work / "ok").exists() and not session["inside"].exists(), "the guard itself writes nothing"
 
 
@@ -218,32 +216,30 @@ def test_rerun_skips_finished_cases_and_min_confidence_drops_the_less_confident(
 
 
 def test_invalid_existing_output_is_redone_and_combined_datalist_is_idempotent(session, datalist_json, tmp_path):
-    with bundle_scripts_on_path(ENSEMBLE):
-        from scripts.pseudo_label import pending_cases, write_combined_datalist
+    from brats_kd.pseudo_label import pending_cases, write_combined_datalist
 
-        out = tmp_path / "copy"
-        shutil.copytree(session["work"] / "hard", out)
-        cases = [
-            {"case_id": c["case_id"], "image": [str(Path(datalist_json["dataset_dir"]) / c[m]) for m in ("t1", "t1ce", "t2", "flair")]}
-            for c in unlabeled(datalist_json)
-        ]
-        assert pending_cases(cases, str(out)) == []
-        assert [c["case_id"] for c in pending_cases(cases, str(out), soft=True)] == [c["case_id"] for c in cases]
-        (out / f"{cases[0]['case_id']}.nii.gz").write_bytes(b"truncated")
-        assert [c["case_id"] for c in pending_cases(cases, str(out))] == [cases[0]["case_id"]]
-        # an earlier combined datalist as input: manual entries kept once, pseudo entries not stacked
-        combined = json.loads((session["work"] / "hard" / "datalist.json").read_text())
-        again = write_combined_datalist(combined, str(session["work"] / "hard"), str(tmp_path / "again.json"))
+    out = tmp_path / "copy"
+    shutil.copytree(session["work"] / "hard", out)
+    cases = [
+        {"case_id": c["case_id"], "image": [str(Path(datalist_json["dataset_dir"]) / c[m]) for m in ("t1", "t1ce", "t2", "flair")]}
+        for c in unlabeled(datalist_json)
+    ]
+    assert pending_cases(cases, str(out)) == []
+    assert [c["case_id"] for c in pending_cases(cases, str(out), soft=True)] == [c["case_id"] for c in cases]
+    (out / f"{cases[0]['case_id']}.nii.gz").write_bytes(b"truncated")
+    assert [c["case_id"] for c in pending_cases(cases, str(out))] == [cases[0]["case_id"]]
+    # an earlier combined datalist as input: manual entries kept once, pseudo entries not stacked
+    combined = json.loads((session["work"] / "hard" / "datalist.json").read_text())
+    again = write_combined_datalist(combined, str(session["work"] / "hard"), str(tmp_path / "again.json"))
     assert again["training"] == combined["training"]
 
 
 def test_mean_confidence_definition():
-    with bundle_scripts_on_path(ENSEMBLE):
-        from scripts.pseudo_label import mean_confidence
+    from brats_kd.pseudo_label import mean_confidence
 
-        probs = torch.zeros(3, 2, 2, 1)
-        assert mean_confidence(probs) == (0.0, 0)  # nothing predicted: no confidence
-        probs[1, 0, 0, 0] = 0.9  # one WT voxel; TC and ET certain (p = 0) there
-        probs[1, 1, 1, 0] = 0.3  # background voxel: not counted
-        confidence, count = mean_confidence(probs)
+    probs = torch.zeros(3, 2, 2, 1)
+    assert mean_confidence(probs) == (0.0, 0)  # nothing predicted: no confidence
+    probs[1, 0, 0, 0] = 0.9  # one WT voxel; TC and ET certain (p = 0) there
+    probs[1, 1, 1, 0] = 0.3  # background voxel: not counted
+    confidence, count = mean_confidence(probs)
     assert count == 1 and confidence == pytest.approx((1.0 + 0.9 + 1.0) / 3)

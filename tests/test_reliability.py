@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import ROOT, TINY, bundle_command, bundle_scripts_on_path, log_tail, run_bundle
+from tests.bundle_runner import ROOT, TINY, bundle_command, log_tail, run_bundle
 
 FAULTS = Path(__file__).resolve().parent / "reliability_faults"
 CHECKPOINTS = ("checkpoint.pt", "model.pt")
@@ -367,24 +367,23 @@ def test_killed_evaluation_leaves_only_complete_predictions_and_a_rerun_complete
 # knowledge of the writer's internals.
 HALF_WRITE_CHILD = r"""
 import os, resource, signal, sys
-sys.path.insert(0, sys.argv[1])
-what, target = sys.argv[2], sys.argv[3]
-import numpy as np, torch
+what, target = sys.argv[1], sys.argv[2]
+import nibabel as nib, numpy as np, torch
 
 def cut_next_write():
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 
 if what == "nifti":
-    from scripts.brats import atomic_save_nifti
+    from brats_kd.io import write_nifti_atomic
     rng = np.random.default_rng(0)
-    atomic_save_nifti(rng.integers(0, 5, (40, 40, 40)).astype(np.uint8), np.eye(4), target)
+    write_nifti_atomic(target, nib.Nifti1Image(rng.integers(0, 5, (40, 40, 40)).astype(np.uint8), np.eye(4)))
     print("first write complete", flush=True)
     cut_next_write()
-    atomic_save_nifti(rng.integers(0, 5, (40, 40, 40)).astype(np.uint8), np.eye(4), target)
+    write_nifti_atomic(target, nib.Nifti1Image(rng.integers(0, 5, (40, 40, 40)).astype(np.uint8), np.eye(4)))
 else:
     from ignite.engine import Engine, Events
-    from scripts.reliability import AtomicCheckpointSaver
+    from brats_kd.checkpoints import AtomicCheckpointSaver
     torch.manual_seed(0)
     net = torch.nn.Linear(64, 64)
     engine = Engine(lambda e, b: net.weight.data.add_(1.0))
@@ -408,7 +407,7 @@ def test_a_write_killed_half_way_never_replaces_the_previous_file(what, name, tm
     target.parent.mkdir()
     script = tmp_path / "child.py"
     script.write_text(HALF_WRITE_CHILD)
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "bundles" / "teacher"), what, str(target)],
+    proc = subprocess.run([sys.executable, str(script), what, str(target)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGXFSZ, f"the second write was not cut: {proc.returncode}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("first write complete") == 1 and "second write complete" not in proc.stdout
@@ -419,26 +418,25 @@ def test_a_write_killed_half_way_never_replaces_the_previous_file(what, name, tm
     assert not leftovers[0].name.endswith((".nii.gz", ".pt")), "a partial file must not look like an output"
     first = target.read_bytes()
 
-    with bundle_scripts_on_path("teacher"):
-        if what == "nifti":
-            from scripts.brats import atomic_save_nifti
+    if what == "nifti":
+        from brats_kd.io import write_nifti_atomic
 
-            image = nib.load(str(target))
-            assert image.shape == (40, 40, 40)
-            data = np.asanyarray(image.dataobj)
-            atomic_save_nifti(np.zeros_like(data), np.eye(4), target)  # a later, successful write
-            assert not np.asanyarray(nib.load(str(target)).dataobj).any()
-        else:
-            from ignite.engine import Engine
-            from scripts.reliability import AtomicCheckpointSaver
+        image = nib.load(str(target))
+        assert image.shape == (40, 40, 40)
+        data = np.asanyarray(image.dataobj)
+        write_nifti_atomic(target, nib.Nifti1Image(np.zeros_like(data), np.eye(4)))  # a later, successful write
+        assert not np.asanyarray(nib.load(str(target)).dataobj).any()
+    else:
+        from ignite.engine import Engine
+        from brats_kd.checkpoints import AtomicCheckpointSaver
 
-            assert set(load(target)["model"]) == {"weight", "bias"}
-            net = torch.nn.Linear(64, 64)
-            engine = Engine(lambda e, b: None)
-            AtomicCheckpointSaver(save_dir=str(target.parent), save_dict={"model": net}, save_interval=1,
-                                  n_saved=1, interval_filename=name, epoch_level=True).attach(engine)
-            engine.run([0], max_epochs=1)
-            assert torch.equal(load(target)["model"]["weight"], net.weight)
+        assert set(load(target)["model"]) == {"weight", "bias"}
+        net = torch.nn.Linear(64, 64)
+        engine = Engine(lambda e, b: None)
+        AtomicCheckpointSaver(save_dir=str(target.parent), save_dict={"model": net}, save_interval=1,
+                              n_saved=1, interval_filename=name, epoch_level=True).attach(engine)
+        engine.run([0], max_epochs=1)
+        assert torch.equal(load(target)["model"]["weight"], net.weight)
     assert target.read_bytes() != first
     assert [p.name for p in target.parent.iterdir()] == [name], "the successful write must remove the stale temporary file"
 
@@ -478,30 +476,29 @@ def fail_fsync_of(monkeypatch, prefix: str) -> None:
 
 
 def test_checkpoint_saver_on_a_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
-    with bundle_scripts_on_path("teacher"):
-        from ignite.engine import Engine
-        from scripts.reliability import AtomicCheckpointSaver
+    from ignite.engine import Engine
+    from brats_kd.checkpoints import AtomicCheckpointSaver
 
-        net = torch.nn.Linear(32, 32)
-        engine = Engine(lambda e, b: net.weight.data.add_(1.0))
-        AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "trainer": engine}, save_interval=1,
-                              n_saved=1, interval_filename="checkpoint.pt", epoch_level=True).attach(engine)
-        engine.run([0], max_epochs=1)
-        before = snapshot(tmp_path)
+    net = torch.nn.Linear(32, 32)
+    engine = Engine(lambda e, b: net.weight.data.add_(1.0))
+    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "trainer": engine}, save_interval=1,
+                          n_saved=1, interval_filename="checkpoint.pt", epoch_level=True).attach(engine)
+    engine.run([0], max_epochs=1)
+    before = snapshot(tmp_path)
 
-        real_save = torch.save
+    real_save = torch.save
 
-        def half_then_enospc(obj, f, **kwargs):
-            buffer = io.BytesIO()
-            real_save(obj, buffer, **kwargs)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            _enospc()
+    def half_then_enospc(obj, f, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        _enospc()
 
-        monkeypatch.setattr(torch, "save", half_then_enospc)
-        engine.state.max_epochs = 2
-        with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint\.pt': No space left on device\. "
-                                          r"The previous 'checkpoint\.pt' \(if any\) is unchanged"):
-            engine.run([0])
+    monkeypatch.setattr(torch, "save", half_then_enospc)
+    engine.state.max_epochs = 2
+    with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint\.pt': No space left on device\. "
+                                      r"The previous 'checkpoint\.pt' \(if any\) is unchanged"):
+        engine.run([0])
     assert snapshot(tmp_path) == before, "the previous checkpoint changed or a temporary file was left"
     assert trained_epochs(load(tmp_path / "checkpoint.pt")) == 1
 
@@ -557,22 +554,21 @@ def test_report_rewrite_failing_on_a_full_disk_keeps_the_old_files(failing, tmp_
 
 @pytest.mark.parametrize("what", ["prediction", "metric summary"])
 def test_bundle_writers_failing_on_a_full_disk_keep_the_old_file(what, tmp_path):
-    with bundle_scripts_on_path("teacher"):
-        from scripts import brats
+    from brats_kd import io, metrics
 
-        if what == "prediction":
-            target = tmp_path / "BraTS2021_00001.nii.gz"
-            brats.atomic_save_nifti(np.full((6, 6, 6), 2, np.uint8), np.eye(4), target)
-            write = lambda: brats.atomic_save_nifti(np.full((6, 6, 6), 4, np.uint8), np.eye(4), target)  # noqa: E731
-        else:
-            target = tmp_path / "summary.json"
-            (tmp_path / "dice_raw.csv").write_text("filename,class0,mean\na,0.5,0.5\n")
-            brats.write_metric_summary(str(tmp_path))
-            (tmp_path / "dice_raw.csv").write_text("filename,class0,mean\na,0.9,0.9\n")
-            write = lambda: brats.write_metric_summary(str(tmp_path))  # noqa: E731
-        before = snapshot(tmp_path)
-        with pytest.raises(OSError, match="File too large"), file_size_limit(64):
-            write()
+    if what == "prediction":
+        target = tmp_path / "BraTS2021_00001.nii.gz"
+        io.write_nifti_atomic(target, nib.Nifti1Image(np.full((6, 6, 6), 2, np.uint8), np.eye(4)))
+        write = lambda: io.write_nifti_atomic(target, nib.Nifti1Image(np.full((6, 6, 6), 4, np.uint8), np.eye(4)))  # noqa: E731
+    else:
+        target = tmp_path / "summary.json"
+        (tmp_path / "dice_raw.csv").write_text("filename,class0,mean\na,0.5,0.5\n")
+        metrics.write_metric_summary(str(tmp_path))
+        (tmp_path / "dice_raw.csv").write_text("filename,class0,mean\na,0.9,0.9\n")
+        write = lambda: metrics.write_metric_summary(str(tmp_path))  # noqa: E731
+    before = snapshot(tmp_path)
+    with pytest.raises(OSError, match="File too large"), file_size_limit(64):
+        write()
     assert snapshot(tmp_path) == before, "the old file changed or a temporary file was left"
 
 
@@ -581,10 +577,10 @@ def test_bundle_writers_failing_on_a_full_disk_keep_the_old_file(what, tmp_path)
 
 
 def test_every_torch_load_in_bundles_and_tools_is_weights_only():
-    """Every ``torch.load(`` call in bundles/ and tools/ (code and configs) passes ``weights_only=True``;
+    """Every ``torch.load(`` call in brats_kd/, bundles/ and tools/ (code and configs) passes ``weights_only=True``;
     no ``pickle.load`` / ``allow_pickle=True`` at all."""
     calls, problems = 0, []
-    for path in sorted(p for d in ("bundles", "tools") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".json")):
+    for path in sorted(p for d in ("brats_kd", "bundles", "tools") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".json")):
         text = path.read_text(encoding="utf-8")
         for match in re.finditer(r"torch\.load\(", text):
             line = text.count("\n", 0, match.start()) + 1
@@ -800,11 +796,10 @@ def test_a_read_only_checkpoint_folder_is_refused_at_start_up(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        with bundle_scripts_on_path("teacher"):
-            from scripts.reliability import AtomicCheckpointSaver
+        from brats_kd.checkpoints import AtomicCheckpointSaver
 
-            with pytest.raises(OSError, match=r"cannot write checkpoints to '.*ro': Read-only file system"):
-                AtomicCheckpointSaver(save_dir=str(folder), save_dict={"model": torch.nn.Linear(2, 2)}, save_interval=1)
+        with pytest.raises(OSError, match=r"cannot write checkpoints to '.*ro': Read-only file system"):
+            AtomicCheckpointSaver(save_dir=str(folder), save_dict={"model": torch.nn.Linear(2, 2)}, save_interval=1)
     finally:
         subprocess.run(["umount", str(folder)], check=True)
 

@@ -2,7 +2,7 @@
 inference, the baseline and skip0 overrides, and the BraTS label mapping of every supported layout.
 
 Bundle commands run in subprocesses (:mod:`tests.bundle_runner`); config-only checks run in-process
-with the bundle's ``scripts`` on ``sys.path`` for the duration of the check.
+(the bundle's code is the installed ``brats_kd`` package).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, TINY, bundle_config, bundle_scripts_on_path, run_bundle
+from tests.bundle_runner import BUNDLES, TINY, bundle_config, run_bundle
 
 TEACHER = BUNDLES / "teacher"
 ITERATION_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: \d+/\d+")
@@ -75,16 +75,15 @@ def test_train_and_infer_workflows_have_the_required_properties(datalist):
     from monai.bundle import ConfigWorkflow
 
     overrides = dict(TINY, bundle_root=str(TEACHER), datalist=str(datalist), cache_rate=0.0)
-    with bundle_scripts_on_path(TEACHER):
-        for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
-            workflow = ConfigWorkflow(
-                config_file=str(TEACHER / "configs" / config),
-                workflow_type=workflow_type,
-                logging_file=False,  # leave pytest's logging alone
-                **overrides,
-            )
-            workflow.initialize()
-            assert workflow.check_properties() == [], f"{config}: missing or misnamed workflow properties"
+    for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=str(TEACHER / "configs" / config),
+            workflow_type=workflow_type,
+            logging_file=False,  # leave pytest's logging alone
+            **overrides,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{config}: missing or misnamed workflow properties"
 
 
 def test_network_from_inference_config_maps_4x64_cubed_to_3x64_cubed():
@@ -95,8 +94,7 @@ def test_network_from_inference_config_maps_4x64_cubed_to_3x64_cubed():
     assert size == [64, 64, 64]
     in_channels, out_channels = meta["inputs"]["image"]["num_channels"], meta["outputs"]["pred"]["num_channels"]
     assert (in_channels, out_channels) == (4, 3)
-    with bundle_scripts_on_path(TEACHER):
-        net = bundle_config(TEACHER, "inference.json").get_parsed_content("network_def")
+    net = bundle_config(TEACHER, "inference.json").get_parsed_content("network_def")
     net.eval()
     with torch.no_grad():
         out = net(torch.randn(1, in_channels, *size))
@@ -110,27 +108,25 @@ def first_conv_in_channels(net) -> int:
 
 
 def test_baseline_override_builds_a_one_channel_t1ce_network(datalist_json, datalist):
-    with bundle_scripts_on_path(TEACHER):
-        teacher = bundle_config(TEACHER, "train.json", datalist=str(datalist), **TINY)
-        baseline = bundle_config(TEACHER, ["train.json", "baseline.json"], datalist=str(datalist), **TINY)
-        assert first_conv_in_channels(teacher.get_parsed_content("network_def")) == 4
-        net = baseline.get_parsed_content("network_def")
-        assert first_conv_in_channels(net) == 1
-        with torch.no_grad():
-            assert tuple(net(torch.zeros(1, 1, 32, 32, 32)).shape) == (1, 3, 32, 32, 32)
-        # The baseline's input is the teacher's T1ce channel (channel 1 of t1, t1ce, t2, flair).
-        case = teacher.get_parsed_content("val_datalist")[0]
-        teacher_image = teacher.get_parsed_content("validate#preprocessing")(dict(case))["image"]
-        baseline_image = baseline.get_parsed_content("validate#preprocessing")(dict(case))["image"]
+    teacher = bundle_config(TEACHER, "train.json", datalist=str(datalist), **TINY)
+    baseline = bundle_config(TEACHER, ["train.json", "baseline.json"], datalist=str(datalist), **TINY)
+    assert first_conv_in_channels(teacher.get_parsed_content("network_def")) == 4
+    net = baseline.get_parsed_content("network_def")
+    assert first_conv_in_channels(net) == 1
+    with torch.no_grad():
+        assert tuple(net(torch.zeros(1, 1, 32, 32, 32)).shape) == (1, 3, 32, 32, 32)
+    # The baseline's input is the teacher's T1ce channel (channel 1 of t1, t1ce, t2, flair).
+    case = teacher.get_parsed_content("val_datalist")[0]
+    teacher_image = teacher.get_parsed_content("validate#preprocessing")(dict(case))["image"]
+    baseline_image = baseline.get_parsed_content("validate#preprocessing")(dict(case))["image"]
     assert baseline_image.shape[0] == 1 and teacher_image.shape[0] == 4
     torch.testing.assert_close(baseline_image[0], teacher_image[1])
 
 
 def test_skip0_override_removes_every_skip_concatenation():
     filters = TINY["filters"]
-    with bundle_scripts_on_path(TEACHER):
-        unet = bundle_config(TEACHER, "train.json", **TINY).get_parsed_content("network_def")
-        plain = bundle_config(TEACHER, ["train.json", "skip0.json"], **TINY).get_parsed_content("network_def")
+    unet = bundle_config(TEACHER, "train.json", **TINY).get_parsed_content("network_def")
+    plain = bundle_config(TEACHER, ["train.json", "skip0.json"], **TINY).get_parsed_content("network_def")
     # Decoder blocks run coarse to fine; the first one sits just above the bottleneck.
     assert unet.decoder[0].conv1.conv.in_channels == 2 * filters[-2]
     assert plain.decoder[0].conv1.conv.in_channels == filters[-2]
@@ -154,8 +150,7 @@ def test_preprocessing_maps_each_layouts_labels_to_tc_wt_et(layout, tmp_path):
         TEACHER, "train.json", datalist=str(tmp_path / "datalist.json"), crop_size=crop, spatial_size=spatial
     )
     preprocessing = Compose(parser.get_parsed_content("preprocessing_transforms"))
-    resolve = parser.get_parsed_content("resolve_paths")
-    entries = {c["case_id"]: c for c in parser.get_parsed_content("datalist_json")["training"]}
+    entries = {c["case_id"]: c for c in parser.get_parsed_content("training_cases")}
 
     resample_label = Compose([CenterSpatialCrop(crop), Resize(spatial, mode="nearest")])
     resample_image = Compose(
@@ -172,7 +167,7 @@ def test_preprocessing_maps_each_layouts_labels_to_tc_wt_et(layout, tmp_path):
         # the phantom case must exercise every label, or a wrong mapping could go unnoticed
         assert all(np.any(label == v) for v in (1, 2, 4)), f"{case_id}: phantom case lacks a label"
         expected = np.asarray(resample_label(regions))
-        out = preprocessing(resolve(entries[case_id]))
+        out = preprocessing(entries[case_id])
         np.testing.assert_array_equal(np.asarray(out["label"]), expected, err_msg=f"{layout} {case_id}: TC/WT/ET")
         images = np.stack([case.images[m] for m in MODALITIES])
         np.testing.assert_allclose(
@@ -189,8 +184,7 @@ def test_two_epoch_training_writes_model_and_resumable_checkpoint(trained_teache
     run = trained_teacher_run
     model = load_checkpoint(run.ckpt_dir / "model.pt")
     assert set(model) == {"model"}
-    with bundle_scripts_on_path(TEACHER):
-        net = bundle_config(TEACHER, "train.json", **TINY).get_parsed_content("network_def")
+    net = bundle_config(TEACHER, "train.json", **TINY).get_parsed_content("network_def")
     net.load_state_dict(model["model"], strict=True)
 
     checkpoint = load_checkpoint(run.ckpt_dir / "checkpoint.pt")

@@ -12,12 +12,11 @@ import re
 import pytest
 import torch
 
-from tests.bundle_imports import import_bundle_scripts
 from tests.bundle_runner import TINY, bundle_config, run_bundle
 
-teacher_cache = import_bundle_scripts("kd_student", "teacher_cache")
-network_module = import_bundle_scripts("kd_student", "network")
-teacher_module = import_bundle_scripts("kd_student", "teacher")
+import brats_kd.networks as network_module
+import brats_kd.teacher as teacher_module
+import brats_kd.teacher_cache as teacher_cache
 
 FILTERS = (4, 8, 16)  # the real network, small: two down-samplings
 SIZE = 16  # the bottleneck is 4x4x4, so its flips are not trivial

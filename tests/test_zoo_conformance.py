@@ -2,8 +2,10 @@
 
 What the zoo's CI (``ci/verify_bundle.py``) checks, without its network access: the metadata keys
 its JSON schema requires (``verify_metadata`` downloads the schema, so the keys are checked here),
-``network_data_format`` and one ``<name>_data_format`` per secondary network, the networks' input and
-output channels (``monai.bundle.verify_net_in_out``), ``large_files.yml`` and the README sections.
+``network_data_format`` and one ``<name>_data_format`` per secondary network, ``large_files.yml`` and
+the README sections; and, called exactly as ``ci/verify_bundle.py`` calls them (default ``n``/``p``/``any``,
+the configs' own network sizes), ``monai.bundle.verify_net_in_out`` on ``network_def`` of
+``inference.json`` and ``monai.bundle.ckpt_export`` to TorchScript.
 
 Bundles are discovered, not listed: a new folder under ``bundles/`` with a ``configs`` folder is
 checked as soon as it exists. The helpers at the top are shared with ``test_export.py``.
@@ -19,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests.bundle_runner import BUNDLES, ROOT, bundle_config, bundle_scripts_on_path
+from tests.bundle_runner import BUNDLES, ROOT, bundle_config
 
 BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 
@@ -46,16 +48,12 @@ PINNED_VERSIONS = {"monai_version": "monai", "pytorch_version": "torch", "numpy_
 #: the zoo README template's sections (model-zoo/docs/readme_template.md), matched case-insensitively
 README_SECTIONS = ("model overview", "data", "training configuration", "performance", "limitations", "references")
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
-#: small widths for the networks, applied only where a bundle's config has the key: channel counts and
-#: shapes, which the checks compare with the metadata, do not depend on them
-SMALL_NETWORKS = {
-    "filters": [4, 8, 16, 32, 64],
-    "teacher_filters": [4, 8, 16, 32, 64],
-    "init_filters": 8,
-    "resunet_init_filters": 8,
-    "unet_features": [4, 4, 8, 8, 16, 4],
-    "cascade_features": [4, 8],
-}
+def needs_trace(network: torch.nn.Module) -> bool:
+    """Whether ``ckpt_export`` must trace ``network``: only the encoder–decoder, whose ``forward`` checks
+    the input size with Python TorchScript cannot compile; every other network here is scripted."""
+    from brats_kd.networks import EncoderDecoder
+
+    return isinstance(network, EncoderDecoder)
 
 
 def bundle_path(name: str) -> Path:
@@ -97,12 +95,9 @@ def network_for_format(name: str, format_key: str) -> tuple[str, str]:
     )
 
 
-def fake_spatial_shape(shape, n: int = 2, p: int = 1, any_size: int = 32) -> tuple[int, ...]:
-    """Concrete sizes for a metadata ``spatial_shape`` such as ``["16*n", "16*n", "16*n"]``.
-
-    ``n = 2`` by default: ``16*n`` with ``n = 1`` leaves a 1-voxel bottleneck, on which instance norm
-    is undefined, so 2 is the smallest valid multiple for the encoder-decoders here.
-    """
+def fake_spatial_shape(shape, n: int = 1, p: int = 1, any_size: int = 1) -> tuple[int, ...]:
+    """Concrete sizes for a metadata ``spatial_shape`` such as ``["32*n", "32*n", "32*n"]``, with the
+    defaults of ``monai.bundle.verify_net_in_out`` (``n = p = any = 1``)."""
     sizes = []
     for dim in shape:
         if isinstance(dim, int):
@@ -129,17 +124,23 @@ def requirement_pins(path: Path = ROOT / "requirements.txt") -> dict[str, str]:
 def inference_networks(name: str) -> dict[str, tuple[str, str, str]]:
     """Networks that inference runs: ``{label: (format key, config, net id)}``.
 
-    ``network_def`` itself, or, when it is a container of members (the ensemble's ``ModuleDict``),
-    each member through its own ``<member>_data_format``.
+    ``network_def`` itself and, for an ensemble (``MeanEnsemble``), each member through its own
+    ``<member>_data_format``.
     """
     meta = read_metadata(name)
-    config = read_config(name, "inference.json")
-    network_def = config.get("network_def", {})
-    if isinstance(network_def, dict) and network_def.get("_target_", "").endswith("ModuleDict"):
-        members = network_def.get("modules", {})
-        return {member: (f"{member}_data_format", *network_for_format(name, f"{member}_data_format")) for member in members}
     assert "network_data_format" in meta
-    return {"network_def": ("network_data_format", "inference.json", "network_def")}
+    networks = {"network_def": ("network_data_format", "inference.json", "network_def")}
+    for member in ensemble_members(name):
+        networks[member] = (f"{member}_data_format", *network_for_format(name, f"{member}_data_format"))
+    return networks
+
+
+def ensemble_members(name: str) -> list[str]:
+    """Member names when ``inference.json``'s ``network_def`` is a ``MeanEnsemble``, else ``[]``."""
+    network_def = read_config(name, "inference.json").get("network_def", {})
+    if isinstance(network_def, dict) and network_def.get("_target_", "").endswith("MeanEnsemble"):
+        return list(network_def.get("members", {}))
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,67 +224,65 @@ def test_kd_student_declares_its_t1ce_input_and_the_four_modality_teacher():
 # networks against their metadata
 
 
-def _format_cases():
-    cases = []
-    for name in BUNDLE_NAMES:
-        meta_file = bundle_path(name) / "configs" / "metadata.json"
-        if not meta_file.is_file():
-            cases.append(pytest.param(name, "network_data_format", id=f"{name}-no-metadata"))
-            continue
-        meta = json.loads(meta_file.read_text())
-        config = read_config(name, "inference.json").get("network_def", {})
-        for key in data_formats(meta):
-            if key == "network_data_format" and isinstance(config, dict) and config.get("_target_", "").endswith("ModuleDict"):
-                continue  # a container has no forward(); its members are verified through their own formats
-            cases.append(pytest.param(name, key, id=f"{name}-{key}"))
-    return cases
-
-
-@pytest.mark.parametrize("name, format_key", _format_cases())
-def test_verify_net_in_out(name, format_key):
-    """``monai.bundle.verify_net_in_out`` on every network a data format describes, plus the spatial shape."""
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_verify_net_in_out_as_the_zoo_ci_calls_it(name):
+    """``ci/verify_bundle.py``: ``verify_net_in_out(net_id="network_def", meta_file, config_file, bundle_root)``
+    with the defaults (``n = p = any = 1``) and the configs' own network sizes."""
     from monai.bundle import verify_net_in_out
 
-    meta = read_metadata(name)
-    fmt = meta[format_key]
-    config, net_id = network_for_format(name, format_key)
     root = bundle_path(name)
-    small = {k: v for k, v in SMALL_NETWORKS.items() if k in read_config(name, config)}
-    with bundle_scripts_on_path(root):
-        verify_net_in_out(
-            net_id=net_id,
-            meta_file=str(root / "configs" / "metadata.json"),
-            config_file=str(root / "configs" / config),
-            device="cpu",
-            n=2,
-            any=32,
-            bundle_root=str(root),
-            **{"_meta_#network_data_format": fmt},
-            **small,
-        )
-        net = bundle_config(root, config, **small).get_parsed_content(net_id).eval()
-    shape = fake_spatial_shape(fmt["inputs"]["image"]["spatial_shape"])
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(root / "configs" / "metadata.json"),
+        config_file=str(root / "configs" / "inference.json"),
+        bundle_root=str(root),
+    )
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_ckpt_export_scripts_network_def_as_the_zoo_ci_calls_it(name, tmp_path):
+    """``ci/verify_bundle.py``'s export check: ``ckpt_export`` of ``network_def`` to TorchScript, scripted
+    (``use_trace=False``) where the network scripts; the encoder–decoder (``EncoderDecoder``, its
+    ``forward`` checks input sizes with Python that TorchScript rejects) is traced, on its metadata's input."""
+    from monai.bundle import ckpt_export
+
+    root = bundle_path(name)
+    meta_file, config_file = str(root / "configs" / "metadata.json"), str(root / "configs" / "inference.json")
+    network = bundle_config(root, "inference.json").get_parsed_content("network_def")
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": network.state_dict()}, ckpt)
+    traced = needs_trace(network)
+    fmt = read_metadata(name)["network_data_format"]
+    shape = (1, fmt["inputs"]["image"]["num_channels"], *fake_spatial_shape(fmt["inputs"]["image"]["spatial_shape"]))
+    extra = {"input_shape": list(shape)} if traced else {}
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(ckpt),
+        meta_file=meta_file,
+        config_file=config_file,
+        bundle_root=str(root),
+        key_in_ckpt="model",
+        use_trace=traced,
+        **extra,
+    )
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    assert isinstance(exported, torch.jit.ScriptModule)
+    x = torch.rand(*shape)
     with torch.no_grad():
-        out = net(torch.rand(1, fmt["inputs"]["image"]["num_channels"], *shape))
-    assert tuple(out.shape) == (1, fmt["outputs"]["pred"]["num_channels"], *shape), f"{name}: {net_id} output shape"
+        torch.testing.assert_close(exported(x), network.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_container_networks_match_their_members_formats():
-    """A ``ModuleDict`` network (the ensemble) is described by its members: same input and output channels."""
-    checked = 0
-    for name in BUNDLE_NAMES:
-        networks = inference_networks(name)
-        if "network_def" in networks:
-            continue
-        meta = read_metadata(name)
-        top = meta["network_data_format"]
-        for label, (format_key, _, _) in networks.items():
-            member = meta[format_key]
-            assert member["inputs"]["image"]["num_channels"] == top["inputs"]["image"]["num_channels"], label
-            assert member["outputs"]["pred"]["num_channels"] == top["outputs"]["pred"]["num_channels"], label
-            checked += 1
-    if not checked:
-        pytest.skip("no bundle has a container network_def")
+def test_the_ensemble_network_is_the_mean_of_its_members_probabilities():
+    """``network_def`` of the ensemble (what the zoo's tools and MONAI Label call) averages the members'
+    sigmoid outputs, the same mean ``MeanEnsembled`` computes in evaluation."""
+    network = bundle_config(bundle_path("ensemble"), "inference.json").get_parsed_content("network_def").eval()
+    members = ensemble_members("ensemble")
+    assert members and list(network.keys()) == members
+    x = torch.rand(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([torch.sigmoid(network[m](x)) for m in members]).mean(0)
+        torch.testing.assert_close(network(x), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,10 +301,10 @@ def test_large_files_lists_the_weights_produced_by_training(name):
     assert len(set(paths)) == len(paths)
     for entry in entries:
         assert not entry.get("url"), f"{name}: {entry['path']} has a url, but no weights are published"
-    weights = {network: f"models/{network}/model.pt" for network in inference_networks(name)}
-    weights["network_def"] = "models/model.pt"
-    for network in inference_networks(name):
-        assert weights[network] in paths, f"{name}: large_files.yml does not list {weights[network]}"
+    members = ensemble_members(name)
+    weights = [f"models/{m}/model.pt" for m in members] if members else ["models/model.pt"]
+    for weight in weights:
+        assert weight in paths, f"{name}: large_files.yml does not list {weight}"
     assert "configs/train.json" in text, f"{name}: large_files.yml must say the weights come from configs/train.json"
 
 

@@ -17,8 +17,6 @@ the batch (cached) for the student, on batches shaped as the data loader deliver
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -28,12 +26,16 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import fire
 
-from tools.atomic import write_json_atomic
+import brats_kd.losses
+import brats_kd.networks
+import brats_kd.teacher
+import brats_kd.trainer
+from brats_kd.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -44,34 +46,6 @@ ZOO_ROI = (240, 240, 160)  # MONAI model zoo brats_mri_segmentation inference.js
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def import_bundle_scripts(bundle: str):
-    """``bundles/<bundle>/scripts`` imported as ``_bench_<bundle>_scripts`` (every bundle's package is named ``scripts``)."""
-    name = f"_bench_{bundle}_scripts"
-    if name not in sys.modules:
-        folder = BUNDLES / bundle / "scripts"
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@contextlib.contextmanager
-def bundle_on_path(bundle: str) -> Iterator[None]:
-    """Let a bundle config's ``scripts.*`` targets resolve to ``bundle``'s package inside the block."""
-    saved = {k: v for k, v in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
-    for key in saved:
-        del sys.modules[key]
-    sys.path.insert(0, str(BUNDLES / bundle))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(BUNDLES / bundle))
-        for key in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
-            del sys.modules[key]
-        sys.modules.update(saved)
 
 
 def _triple(value) -> tuple[int, int, int]:
@@ -190,15 +164,13 @@ class TrainingSteps:
         import torch
         from monai.engines import SupervisedTrainer
         from monai.losses import DiceFocalLoss
-
-        scripts = import_bundle_scripts("kd_student")
         self.device = torch.device(device)
         amp = self.device.type == "cuda"
         self.batch = synthetic_batch(batch_size, spatial, filters)
 
         def net(channels: int):
             torch.manual_seed(0)
-            return scripts.network.EncoderDecoder(channels, 3, filters=filters).to(self.device)
+            return brats_kd.networks.EncoderDecoder(channels, 3, filters=filters).to(self.device)
 
         def gt_loss():
             return DiceFocalLoss(sigmoid=True, gamma=0.0, smooth_nr=1e-5, smooth_dr=1e-5)
@@ -209,19 +181,19 @@ class TrainingSteps:
                        optimizer=optimizer, loss_function=loss, amp=amp, **kwargs)
 
         def objective():
-            return scripts.losses.KDNetObjective(gt_loss(), scripts.losses.KDLoss(5.0), scripts.losses.BottleneckKLLoss(), 0.75, 10.0)
+            return brats_kd.losses.KDNetObjective(gt_loss(), brats_kd.losses.KDLoss(5.0), brats_kd.losses.BottleneckKLLoss(), 0.75, 10.0)
 
         checkpoint = workdir / "teacher.pt"
         torch.save({"model": net(4).state_dict()}, checkpoint)
-        self.teacher = scripts.teacher.FrozenTeacher(net(4), checkpoint, amp=amp)
+        self.teacher = brats_kd.teacher.FrozenTeacher(net(4), checkpoint, amp=amp)
         self.teacher.load(self.device)
-        self.teacher_bf16 = scripts.teacher.FrozenTeacher(net(4), checkpoint, cpu_bf16=True)
+        self.teacher_bf16 = brats_kd.teacher.FrozenTeacher(net(4), checkpoint, cpu_bf16=True)
         self.teacher_bf16.load(self.device)
         self.baseline = trainer(SupervisedTrainer, net(1), gt_loss())
         self.baseline_copy = trainer(SupervisedTrainer, net(1), gt_loss())
-        self.online = trainer(scripts.trainer.KDTrainer, net(1), objective())
-        self.online_bf16 = trainer(scripts.trainer.KDTrainer, net(1), objective())
-        self.cached = trainer(scripts.trainer.KDTrainer, net(1), objective())
+        self.online = trainer(brats_kd.trainer.KDTrainer, net(1), objective())
+        self.online_bf16 = trainer(brats_kd.trainer.KDTrainer, net(1), objective())
+        self.cached = trainer(brats_kd.trainer.KDTrainer, net(1), objective())
         self.online_keys = ("image", "teacher_image", "label")
         self.cached_keys = ("image", "label", "teacher_logits", "teacher_bottleneck")
 
@@ -362,17 +334,16 @@ def _loader_rate(overrides: dict, epochs: int, cases: int) -> dict:
     """Build the bundle's ``train#dataloader`` (timing the CacheDataset fill) and time ``epochs`` passes over it."""
     parser = _bundle_parser(["train.json"], overrides)
     start = time.perf_counter()
-    with bundle_on_path("kd_student"):
-        loader = parser.get_parsed_content("train#dataloader")
-        fill_s = time.perf_counter() - start
-        seconds, keys = [], set()
-        for _ in range(epochs):
-            start = time.perf_counter()
-            delivered = 0
-            for batch in loader:
-                delivered += len(batch["label"])
-                keys.update(batch)
-            seconds.append(time.perf_counter() - start)
+    loader = parser.get_parsed_content("train#dataloader")
+    fill_s = time.perf_counter() - start
+    seconds, keys = [], set()
+    for _ in range(epochs):
+        start = time.perf_counter()
+        delivered = 0
+        for batch in loader:
+            delivered += len(batch["label"])
+            keys.update(batch)
+        seconds.append(time.perf_counter() - start)
     if delivered != cases:
         raise RuntimeError(f"the loader delivered {delivered} cases per epoch, expected {cases}")
     epoch_s = _median(seconds)
@@ -383,15 +354,12 @@ def _loader_rate(overrides: dict, epochs: int, cases: int) -> dict:
 def _build_cache(overrides: dict, workdir: Path, filters: Sequence[int]) -> float:
     """Run the bundle's cache step (configs/cache_teacher.json) with a random-weight Teacher; returns seconds."""
     import torch
-
-    scripts = import_bundle_scripts("kd_student")
     torch.manual_seed(0)
     checkpoint = workdir / "teacher.pt"
-    torch.save({"model": scripts.network.EncoderDecoder(4, 3, filters=filters).state_dict()}, checkpoint)
+    torch.save({"model": brats_kd.networks.EncoderDecoder(4, 3, filters=filters).state_dict()}, checkpoint)
     overrides["teacher_ckpt"] = str(checkpoint)
     start = time.perf_counter()
-    with bundle_on_path("kd_student"):
-        _bundle_parser(["train.json", "cache_teacher.json"], overrides).get_parsed_content("teacher_cache").run()
+    _bundle_parser(["train.json", "cache_teacher.json"], overrides).get_parsed_content("teacher_cache").run()
     return time.perf_counter() - start
 
 
@@ -478,12 +446,11 @@ def _student_pipeline(case_dir: Path, case_id: str, options: dict):
         "crop_size": list(options["crop_size"]), "spatial_size": list(options["spatial_size"]),
         "filters": list(options["filters"]),
     })
-    with bundle_on_path("kd_student"):
-        cases = parser.get_parsed_content("cases")
-        preprocessing = parser.get_parsed_content("preprocessing")
-        postprocessing = parser.get_parsed_content("postprocessing")
-        network = parser.get_parsed_content("network").eval()
-        inferer = parser.get_parsed_content("inferer")
+    cases = parser.get_parsed_content("cases")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    postprocessing = parser.get_parsed_content("postprocessing")
+    network = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("inferer")
     case = next(c for c in cases if c["case_id"] == case_id)
     return case, preprocessing, network, inferer, postprocessing
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import fire
 from tqdm.auto import tqdm
 
-from tools.atomic import write_json_atomic
+from brats_kd.io import write_json_atomic
 from tools.prepare import DatasetError, UsageError
 from tools.presets import Preset, get_preset
-from tools.stages import ROOT, Stage, StageFailed, run_stage
+from tools.stages import ROOT, Stage, StageFailed, check_overrides, defined_settings, run_stage
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,8 @@ def run_stages(stages: list[Stage], out: Path) -> dict:
     import json
 
     records = json.loads(records_file.read_text()) if records_file.exists() else {}
+    for stage in stages:  # every stage before the first one runs: a typo must not surface hours in
+        check_overrides(stage)
     with tqdm(total=len(stages), desc="stages", unit="stage", file=sys.stderr) as overall:
         for stage in stages:
             overall.set_postfix_str(stage.name)
@@ -275,7 +277,8 @@ def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick
 
 MEMBERS = ("unet", "resunet", "cascade")
 # Values of the preset's bundle settings that the patch-based bundles (ensemble, omni_student) share.
-SHARED_TRAINING_KEYS = ("epochs", "val_interval", "batch_size", "num_workers", "learning_rate", "lr_patience")
+# (lr_patience is not shared: the patch bundles use MultiStepLR, and passing it was silently ignored.)
+SHARED_TRAINING_KEYS = ("epochs", "val_interval", "batch_size", "num_workers", "learning_rate")
 
 
 def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int) -> list[Stage]:
@@ -292,31 +295,33 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
     }
     stages = []
     for member in MEMBERS:
+        configs = (TRAIN, f"configs/member_{member}.json")
         stages += model_stages(
-            Model(f"member_{member}", "ensemble", (TRAIN, f"configs/member_{member}.json"),
+            Model(f"member_{member}", "ensemble", configs,
                   overrides={"models_dir": str(models_dir), "ckpt_dir": str(models_dir / member)}),
-            root, fold, datalist, preset, seed, extra=common, shared=False,
+            root, fold, datalist, preset, seed, extra=defined_settings("ensemble", list(configs), common), shared=False,
         )
     ensemble = fold_dir / "ensemble" / "evaluate"
+    configs = [TRAIN, "configs/evaluate.json", "configs/evaluate_ensemble.json"]
     stages.append(Stage(
-        name=f"fold{fold}/ensemble/evaluate", bundle="ensemble",
-        configs=[TRAIN, "configs/evaluate.json", "configs/evaluate_ensemble.json"],
-        overrides={**common, "models_dir": str(models_dir), "output_dir": str(ensemble)},
+        name=f"fold{fold}/ensemble/evaluate", bundle="ensemble", configs=configs,
+        overrides={**defined_settings("ensemble", configs, common), "models_dir": str(models_dir), "output_dir": str(ensemble)},
         folder=ensemble, kind="evaluate", done_file=ensemble / "summary.json",
     ))
     pseudo_dir = fold_dir / "pseudo_labels"
     combined = pseudo_dir / "datalist.json"
+    configs = ["configs/inference.json", "configs/pseudo_label.json"]
     stages.append(Stage(
-        name=f"fold{fold}/pseudo_label", bundle="ensemble",
-        configs=["configs/inference.json", "configs/pseudo_label.json"],
-        overrides={**common, "models_dir": str(models_dir), "pseudo_label_dir": str(pseudo_dir),
-                   "combined_datalist": str(combined)},
+        name=f"fold{fold}/pseudo_label", bundle="ensemble", configs=configs,
+        overrides={**defined_settings("ensemble", configs, common), "models_dir": str(models_dir),
+                   "pseudo_label_dir": str(pseudo_dir), "combined_datalist": str(combined)},
         folder=fold_dir / "pseudo_label", kind="pseudo", done_file=combined,
     ))
+    student = defined_settings("omni_student", [TRAIN], common)
     stages += model_stages(Model("omni_student", "omni_student", (TRAIN,), overrides={"datalist": str(combined)}),
-                           root, fold, datalist, preset, seed, extra=common, shared=False)
+                           root, fold, datalist, preset, seed, extra=student, shared=False)
     stages += model_stages(Model("manual_student", "omni_student", (TRAIN,)),
-                           root, fold, datalist, preset, seed, extra=common, shared=False)
+                           root, fold, datalist, preset, seed, extra=student, shared=False)
     return stages
 
 

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools.atomic import write_bytes_atomic  # noqa: E402
+from brats_kd.io import write_bytes_atomic  # noqa: E402
 
 REGION_COLOURS = {"wt": "#2ca02c", "tc": "#ffbf00", "et": "#d62728"}
 # Models shown in the bar chart and curves, in this order when present.

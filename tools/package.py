@@ -3,11 +3,15 @@
     python -m tools.package --bundle bundles/kd_student --out dist/kd_student.zip [--weights PATH] [--check true]
 
 The zip holds one folder named after the zip (``kd_student/``, the layout ``monai.bundle.download``
-and ``load_bundle_config`` expect) with the bundle's ``configs``, ``scripts``, ``docs``, ``LICENSE``,
-``large_files.yml`` and its weights: ``models/model.pt`` (or ``--weights PATH`` copied there) and,
+and ``load_bundle_config`` expect) with the bundle's ``configs``, ``docs``, ``LICENSE``,
+``large_files.yml``, a copy of the ``brats_kd`` package (``<bundle>/brats_kd/``, so that the zip runs
+where the package is not installed: run it from the bundle folder, as the zoo's commands do, and
+Python finds the copy there) and its weights: ``models/model.pt`` (or ``--weights PATH`` copied there) and,
 for a bundle of several networks, ``models/<member>/model.pt``. Training outputs (``runs``,
 ``eval``, ``predictions``, resumable ``checkpoint.pt``), ``__pycache__`` and a local
-``configs/datalist.json`` (it holds a user's data paths) are left out.
+``configs/datalist.json`` (it holds a user's data paths) are left out. The zipped ``metadata.json``
+records the copy under the custom key ``"vendored_packages": {"brats_kd": "<version>"}``
+(``required_packages_version`` names packages to install from an index, which ``brats_kd`` is not).
 
 The check runs in a fresh interpreter, as a user of the zip would: ``monai.bundle.load_bundle_config``
 reads the metadata and ``inference.json`` from the zip, ``monai.bundle.download`` unpacks it from its
@@ -28,8 +32,13 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from brats_kd.io import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDED = ("configs", "scripts", "docs", "LICENSE", "large_files.yml")
+VENDORED = "brats_kd"
+VENDORED_KEY = "vendored_packages"
+METADATA = "configs/metadata.json"
 EXCLUDED_NAMES = {"__pycache__", ".ipynb_checkpoints"}
 EXCLUDED_FILES = {"configs/datalist.json"}
 WEIGHTS_NAME = "model.pt"
@@ -53,12 +62,29 @@ def _bundle_files(bundle: Path) -> Iterator[tuple[Path, str]]:
                         yield path, rel
 
 
+def _vendored_files() -> Iterator[tuple[Path, str]]:
+    """(source file, path inside the bundle) of the ``brats_kd`` package's Python files."""
+    package = ROOT / VENDORED
+    for path in sorted(package.rglob("*.py")):
+        if not EXCLUDED_NAMES.intersection(path.parts):
+            yield path, path.relative_to(ROOT).as_posix()
+
+
+def _packaged_metadata(bundle: Path) -> bytes:
+    """The bundle's metadata.json with the vendored package recorded under ``vendored_packages``."""
+    import brats_kd
+
+    meta = json.loads((bundle / METADATA).read_text())
+    meta[VENDORED_KEY] = {VENDORED: brats_kd.__version__}
+    return (json.dumps(meta, indent=4) + "\n").encode("utf-8")
+
+
 def _network_members(bundle: Path) -> list[str]:
-    """Member names when ``inference.json``'s ``network_def`` is a container (``ModuleDict``), else ``[]``."""
+    """Member names when ``inference.json``'s ``network_def`` is an ensemble (``MeanEnsemble``), else ``[]``."""
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     network_def = config.get("network_def", {})
-    if isinstance(network_def, dict) and str(network_def.get("_target_", "")).endswith("ModuleDict"):
-        return list(network_def.get("modules", {}))
+    if isinstance(network_def, dict) and str(network_def.get("_target_", "")).endswith("MeanEnsemble"):
+        return list(network_def.get("members", {}))
     return []
 
 
@@ -87,19 +113,17 @@ def build(bundle: str | os.PathLike, out: str | os.PathLike, weights: str | os.P
     if out.suffix != ".zip":
         raise PackageError(f"--out must end in .zip (MONAI names the bundle after it), got {out}")
     name = out.stem
-    files = list(_bundle_files(bundle)) + _weight_files(bundle, weights)
+    files = [f for f in _bundle_files(bundle) if f[1] != METADATA] + list(_vendored_files())
+    files += _weight_files(bundle, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    def write_zip(handle) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(f"{name}/{METADATA}", _packaged_metadata(bundle))
             for source, rel in files:
                 archive.write(source, f"{name}/{rel}")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return [f"{name}/{rel}" for _, rel in files]
+
+    atomic_write(out, write_zip)
+    return [f"{name}/{METADATA}"] + [f"{name}/{rel}" for _, rel in files]
 
 
 def _fake_input_shape(fmt: dict) -> list[int]:
@@ -119,7 +143,7 @@ def _fake_input_shape(fmt: dict) -> list[int]:
 def verify_in_this_process(zip_path: str | os.PathLike, workdir: str | os.PathLike) -> dict:
     """Load the packaged bundle with MONAI's bundle API and check its weights; see the module docstring.
 
-    Imports the bundle's ``scripts`` package, so run it in a fresh interpreter (:func:`verify`).
+    Builds the bundle's networks from its configs; run it in a fresh interpreter (:func:`verify`).
     """
     import torch
     from monai.bundle import ConfigParser, download, load, load_bundle_config
@@ -132,7 +156,6 @@ def verify_in_this_process(zip_path: str | os.PathLike, workdir: str | os.PathLi
         raise PackageError(f"{zip_path}: inference.json has no network_def")
     download(name=name, url=zip_path.as_uri(), bundle_dir=str(workdir), progress=False)
     bundle = workdir / name
-    sys.path.insert(0, str(bundle))  # what `monai.bundle run` does: the bundle's `scripts` package
 
     config = ConfigParser()
     config.read_config(str(bundle / "configs" / "inference.json"))
@@ -177,7 +200,7 @@ def verify_in_this_process(zip_path: str | os.PathLike, workdir: str | os.PathLi
 
 
 def verify(zip_path: str | os.PathLike) -> dict:
-    """:func:`verify_in_this_process` in a fresh interpreter (a bundle's ``scripts`` must not leak); its report."""
+    """:func:`verify_in_this_process` in a fresh interpreter (as a user of the zip would load it); its report."""
     with tempfile.TemporaryDirectory(prefix="bundle-check-") as workdir:
         code = (
             "import json, sys\n"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import string
 import sys
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.sparse import csr_matrix
 from scipy.spatial.transform import Rotation
+
+from brats_kd.io import write_bytes_atomic
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 LAYOUTS = ("brats2018", "brats2021", "brats2023", "msd")
@@ -533,28 +534,12 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, dtype) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temp file beside ``path``, then rename it into place.
-
-    A reader (or an interrupted run) never sees a partial file under the final name; the temp
-    name starts with a dot, so dataset scanners skip it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def _write_image(path: Path, image: np.ndarray, affine: np.ndarray) -> None:
-    write_atomic(path, nifti_bytes(image, affine, np.int16))
+    write_bytes_atomic(path, nifti_bytes(image, affine, np.int16))
 
 
 def _write_label(path: Path, label: np.ndarray, affine: np.ndarray) -> None:
-    write_atomic(path, nifti_bytes(label, affine, np.uint8))
+    write_bytes_atomic(path, nifti_bytes(label, affine, np.uint8))
 
 
 def brats2018_case_id(index: int) -> str:
@@ -658,7 +643,7 @@ def write_dataset(
         (labeled_ids if labeled else unlabeled_ids).append(case_id)
     if layout == "msd":
         text = json.dumps(msd_dataset_json(labeled_ids, unlabeled_ids), indent=2) + "\n"
-        write_atomic(out / "dataset.json", text.encode())
+        write_bytes_atomic(out / "dataset.json", text.encode())
     return labeled_ids + unlabeled_ids
 
 

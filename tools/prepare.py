@@ -23,7 +23,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
-from tools.atomic import write_json_atomic
+from brats_kd.io import write_json_atomic
 from tools.layouts import LAYOUTS, MODALITIES, Case, Layout, LayoutError, detect_layout, discover_cases
 from tools.validation import validate_case
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fire
 
-from tools.atomic import write_json_atomic, write_text_atomic
+from brats_kd.io import write_json_atomic, write_text_atomic
 
 REGIONS = ("et", "tc", "wt")  # the papers' column order
 METRICS = tuple(f"dice_{r}" for r in REGIONS) + tuple(f"hd95_{r}" for r in REGIONS)

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.atomic import write_json_atomic
+from brats_kd.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -74,6 +74,46 @@ def trained_epochs(ckpt_dir: Path) -> int:
     return int(trainer.get("iteration", 0)) // max(int(trainer.get("epoch_length") or 1), 1)
 
 
+class UnknownOverride(StageFailed):
+    """An override names a key that none of the stage's configs defines (``monai.bundle run`` would
+    silently ignore it, e.g. ``--activation softmax`` would train a sigmoid network without a word)."""
+
+
+def _parser(bundle: str, configs: list[str]):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / c) for c in configs])
+    return parser
+
+
+def defined_settings(bundle: str, configs: list[str], settings: dict) -> dict:
+    """The entries of ``settings`` that ``configs`` of ``bundle`` define.
+
+    For settings shared on purpose by stages of different bundles (a preset's ``patch_bundle`` holds
+    the ensemble's and the omni-student's network sizes): each stage takes its own. Overrides a stage
+    is given directly are checked by :func:`check_overrides`, never filtered.
+    """
+    parser = _parser(bundle, configs)
+    return {key: value for key, value in settings.items() if key in parser}
+
+
+def check_overrides(stage: Stage) -> None:
+    """Raise :class:`UnknownOverride` unless every override key of ``stage`` is defined by its configs.
+
+    Keys are config ids as ``monai.bundle run`` takes them (``epochs``, ``train#trainer#max_epochs``).
+    Only the config files are read; nothing is instantiated.
+    """
+    parser = _parser(stage.bundle, stage.configs)
+    unknown = sorted(key for key in stage.overrides if key not in parser)
+    if unknown:
+        raise UnknownOverride(
+            f"stage {stage.name}: override {', '.join(repr(k) for k in unknown)} is not defined by any config of "
+            f"bundle '{stage.bundle}' ({', '.join(stage.configs)}); monai.bundle run would ignore it silently. "
+            "Check the spelling or add the key to the bundle's config."
+        )
+
+
 def merged_config(stage: Stage) -> dict:
     """The configuration the stage runs with: its config files merged, then its overrides."""
     from monai.bundle import ConfigParser
@@ -112,8 +152,10 @@ def run_stage(stage: Stage, on_epoch=None) -> float:
 
     The merged config is saved as ``config.json`` and the output as ``log.txt`` in the stage's
     folder. ``on_epoch(n)`` is called each time the trainer completes epoch ``n``.
-    Raises ``StageFailed`` (with the end of the log) when the bundle exits non-zero.
+    Raises ``StageFailed`` (with the end of the log) when the bundle exits non-zero, and
+    :class:`UnknownOverride` before launching when an override names a key no config defines.
     """
+    check_overrides(stage)
     stage.folder.mkdir(parents=True, exist_ok=True)
     overrides_file = stage.folder / "overrides.json"
     write_json_atomic(overrides_file, stage.overrides)

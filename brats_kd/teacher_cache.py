@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +41,8 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Transform
 
+from .io import atomic_write as _write_atomic
+from .io import write_json_atomic as _write_json
 from .teacher import TRAIN_TEACHER_HINT, FrozenTeacher
 
 __all__ = [
@@ -122,27 +123,6 @@ def _case_file(case_id: str) -> str:
     if safe != case_id or safe.startswith("."):
         safe = f"{safe.lstrip('.')}-{hashlib.sha1(case_id.encode()).hexdigest()[:8]}"
     return f"{safe}.pt"
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(handle)`` on a temporary file next to ``path``, then ``os.replace`` it into place."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600; give what open() would
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, lambda handle: handle.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _read_manifest(cache_dir: Path) -> dict[str, dict]:

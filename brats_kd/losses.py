@@ -48,12 +48,23 @@ class KDLoss(_Loss):
         s  = sigmoid(f_t(x) / T)                                  # soft labels, Eq. 1
         s* = [f_t(x) > 0]                                         # Teacher's binary prediction
         p  = sigmoid(f_s(x_k) / T_s)                              # Student probabilities (T_s = 1 in the paper)
-        L_KD = (1 - Dice(s, p)) + BCE(s*, p)                      # Eq. 2
-        Dice(s, p) = (2 sum(p * s) + 1e-5) / (sum(p) + sum(s) + 1e-5)
+        L_KD = w * (1 - Dice(s, p)) + BCE(s*, p)                  # Eq. 2; w = T * T_s with temperature_squared, else 1
 
-    sums run over the spatial axes; the Dice term is averaged over batch and channels and the BCE
-    over all voxels. ``s*`` is the Teacher's prediction at the usual 0.5 threshold, which is
-    ``f_t > 0`` for every ``T``, so it does not depend on the temperature.
+    with one of two Dice forms (sums over the spatial axes; the Dice term is averaged over batch and
+    channels, the BCE over all voxels)::
+
+        classical:   Dice(s, p) = (2 sum(p * s) + 1e-5) / (sum(p) + sum(s) + 1e-5)
+        soft_label:  Dice(s, p) = (sum(p) + sum(s) - sum|p - s| + 1e-5) / (sum(p) + sum(s) + 1e-5)
+
+    Why the ``soft_label`` form exists: against soft targets the classical form is not minimised at
+    ``p == s``. With ``T = 5`` every background voxel has ``s = sigmoid(f_t / 5) ≈ 0.12-0.17``, and
+    over a volume that is mostly background the classical Dice is *higher* for a student that predicts
+    the region on every voxel than for one that reproduces the Teacher (``tests/test_kd_loss_variants.py``):
+    on a case without enhancing tumour it rewards predicting ET everywhere. The ``soft_label`` form
+    (Wang et al., "Dice semimetric losses", MICCAI 2023; MONAI ``DiceLoss(soft_label=True)``) equals the
+    classical one for binary targets and is zero exactly at ``p == s``.
+
+    ``s*`` is the Teacher's prediction at the usual 0.5 threshold, which is ``f_t > 0`` for every ``T``.
 
     Why sigmoid instead of the paper's softmax: BraTS is trained on the nested regions TC, WT and
     ET, which overlap (ET is inside TC inside WT), so each output channel is an independent binary
@@ -61,27 +72,32 @@ class KDLoss(_Loss):
     region's Bernoulli distribution exactly as ``softmax(z / T)`` softens a categorical one.
 
     The temperature is applied to the Teacher only, as Eq. 2 is written (``sigma(f_s(x_k))``);
-    ``student_temperature`` is kept as an option for the Hinton-style variant where both sides
-    are divided by ``T``.
+    ``student_temperature = T`` divides the Student's logits in both terms as in Hinton et al.'s
+    distillation, where ``temperature_squared`` multiplies the soft (Dice) term by ``T * T_s`` to keep
+    its gradient scale independent of the temperature.
 
-    Note: with soft targets the classical soft Dice is not minimised at ``p == s`` (it rewards
-    confident ``p`` where ``s > 0.5``); this follows the paper's formula.
-
-    The soft Dice term is MONAI's ``DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5)`` applied to ``(p, s)``;
-    the BCE is computed from logits (``binary_cross_entropy_with_logits(f_s / T_s, s*)``) so that
+    The BCE is computed from logits (``binary_cross_entropy_with_logits(f_s / T_s, s*)``) so that
     saturated logits (e.g. +-50) give finite values and gradients. Teacher tensors are detached.
 
     Args:
         temperature: ``T`` in Eq. 1, strictly positive; the paper uses 5.
         student_temperature: divides the Student logits; 1 reproduces Eq. 2.
+        soft_label: use the soft-label Dice form (minimised at the soft target) instead of the classical one.
+        temperature_squared: multiply the Dice term by ``temperature * student_temperature`` (Hinton et al.).
     """
 
-    def __init__(self, temperature: float = 5.0, student_temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        temperature: float = 5.0,
+        student_temperature: float = 1.0,
+        soft_label: bool = False,
+        temperature_squared: bool = False,
+    ) -> None:
         super().__init__()
         self.temperature = _check_positive("temperature", temperature)
         self.student_temperature = _check_positive("student_temperature", student_temperature)
-        # soft_label=False keeps the classical form 2|p*s| / (|p| + |s|) of Eq. 2
-        self.dice = DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5, soft_label=False, reduction="mean")
+        self.soft_weight = self.temperature * self.student_temperature if temperature_squared else 1.0
+        self.dice = DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5, soft_label=bool(soft_label), reduction="mean")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """
@@ -99,17 +115,30 @@ class KDLoss(_Loss):
         student_scaled = student_logits / self.student_temperature
         dice = self.dice(torch.sigmoid(student_scaled), soft_target)
         bce = F.binary_cross_entropy_with_logits(student_scaled, hard_target)
-        return dice + bce
+        return self.soft_weight * dice + bce
+
+
+#: how BottleneckKLLoss turns a bottleneck ``[B, C, *spatial]`` into distributions
+KL_NORMALISATIONS = ("flat", "channel", "voxel")
 
 
 class BottleneckKLLoss(_Loss):
     """Kullback--Leibler divergence between Teacher and Student bottlenecks (Eq. 3).
 
-    Each sample's latent tensor is flattened and normalised into a distribution with a softmax,
-    ``p_i = softmax(vec(E_s(x_k^i)))`` for the Student and ``q_i = softmax(vec(E_t(x^i)))`` for the
-    Teacher, and::
+    ``normalisation="flat"`` is the paper's: each sample's latent tensor is flattened and normalised
+    into one distribution with a softmax, ``p_i = softmax(vec(E_s(x_k^i)))`` for the Student and
+    ``q_i = softmax(vec(E_t(x^i)))`` for the Teacher, and::
 
         L_KL(p, q) = 1/B sum_i sum_j q_i(j) * (log q_i(j) - log p_i(j))      # = KL(q_i || p_i)
+
+    Variants (KL averaged over the distributions of a sample, then over the batch):
+
+    - ``"channel"``: one distribution over the spatial positions per channel (``C`` per sample);
+    - ``"voxel"``: one distribution over the channels per spatial position (``X*Y*Z`` per sample).
+
+    Why variants: a flat softmax over ``C*X*Y*Z`` entries (16k at the quick preset) is dominated by the
+    few largest activations, so the term matches where the Teacher's bottleneck peaks rather than its
+    features; per-channel or per-voxel normalisation keeps every channel or position in the term.
 
     Why this order: KL(q || p) is the expectation under the Teacher's distribution, so the Student
     is penalised wherever the Teacher puts mass and it does not -- the paper chooses it "because we
@@ -120,20 +149,32 @@ class BottleneckKLLoss(_Loss):
     that no probability underflows to ``log(0)``. The Teacher tensor is detached.
     """
 
+    def __init__(self, normalisation: str = "flat") -> None:
+        super().__init__()
+        if normalisation not in KL_NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {KL_NORMALISATIONS}, got {normalisation!r}.")
+        self.normalisation = normalisation
+
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            student_feat: Student bottleneck, ``[B, ...]``.
+            student_feat: Student bottleneck, ``[B, C, *spatial]`` (``[B, ...]`` for ``"flat"``).
             teacher_feat: Teacher bottleneck of the same shape.
 
         Returns:
             the scalar ``L_KL`` of Eq. 3 (batch mean), ``>= 0`` and ``0`` for identical inputs.
         """
-        _check_same_shape(student_feat, teacher_feat, "BottleneckKLLoss", min_ndim=2)
+        _check_same_shape(student_feat, teacher_feat, "BottleneckKLLoss", min_ndim=2 if self.normalisation == "flat" else 3)
         # a latent vector has thousands of entries: normalise in float32 even under mixed precision
-        log_p = F.log_softmax(student_feat.flatten(1).float(), dim=1)
-        log_q = F.log_softmax(teacher_feat.detach().flatten(1).float(), dim=1)
-        return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+        student, teacher = student_feat.float(), teacher_feat.detach().float()
+        if self.normalisation == "flat":
+            student, teacher, dim = student.flatten(1), teacher.flatten(1), 1
+        else:
+            student, teacher = student.flatten(2), teacher.flatten(2)
+            dim = 2 if self.normalisation == "channel" else 1
+        log_p = F.log_softmax(student, dim=dim)
+        log_q = F.log_softmax(teacher, dim=dim)
+        return (log_q.exp() * (log_q - log_p)).sum(dim).mean()
 
 
 class KDNetObjective(nn.Module):

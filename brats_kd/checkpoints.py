@@ -1,31 +1,22 @@
-"""Training that can be killed at any moment and resumed, and that stops loudly on a bad loss.
+"""Checkpoints that survive a kill at any moment, for training that can be resumed.
 
 MONAI's ``CheckpointSaver`` writes non-atomically and Ignite deletes the previous file before
 writing the next, so a crash at the wrong moment leaves a truncated or missing checkpoint.
-Ignite's ``TerminateOnNan`` ends the run gracefully (exit code 0), which a pipeline would take
-for success, and a NaN gradient under a finite loss poisons the weights without any warning. The
-two handlers here close those gaps.
-
-Kept byte-identical in every trainable bundle (a bundle must stay self-contained);
-``tests/test_bundle_copies.py`` guards against drift.
+:class:`AtomicCheckpointSaver` closes that gap (writes go through :func:`brats_kd.io.atomic_write`).
 """
 
 from __future__ import annotations
 
-import glob
-import math
 import os
-import stat
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
-from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
-from monai.utils import CommonKeys
+
+from .io import atomic_write
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -36,10 +27,9 @@ class _AtomicDiskSaver(DiskSaver):
     state dict when ``save_dict`` holds one object; ``key`` puts it back under its name (e.g.
     ``{"model": state_dict}``), the format the bundles document and load.
 
-    The temporary file is ``.<filename>.<random>.tmp`` (Ignite's is an anonymous ``tmpXXXX``): a
-    save killed half-way leaves one, and the next successful save of that file removes it. The
-    data is fsync'ed before the rename, and a failed write (e.g. a full disk) raises an error that
-    names the file and says that the previous one is unchanged.
+    The write follows :mod:`brats_kd.io`'s policy (``.<filename>.<random>.tmp``, fsync, rename; a
+    temporary file left by a killed save is removed by the next one), and a failed write (e.g. a
+    full disk) raises an error that names the file and says that the previous one is unchanged.
     """
 
     def __init__(self, dirname: str, filename: str | None = None, key: str | None = None) -> None:
@@ -55,23 +45,9 @@ class _AtomicDiskSaver(DiskSaver):
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         path = Path(path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as err:
+            atomic_write(path, lambda handle: func(checkpoint, handle, **self.kwargs))
+        except Exception as err:
             raise _write_error(path, err) from err
-        try:
-            with os.fdopen(fd, "wb") as f:
-                func(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it visible
-            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp, path)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(err, Exception):
-                raise _write_error(path, err) from err
-            raise
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)  # left by an earlier save that was killed half-way
 
     def remove(self, filename: str) -> None:
         if self.filename is None:
@@ -135,41 +111,3 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def load_state_dict(self, state_dict: Mapping) -> None:
         if self._key_metric_checkpoint is not None and state_dict:
             self._key_metric_checkpoint.load_state_dict(state_dict)
-
-
-class StopOnNonFiniteLoss:
-    """Raise on a NaN or infinite training loss or network weight, before a checkpoint could be written.
-
-    Raising (rather than Ignite's graceful ``TerminateOnNan``) makes the run exit non-zero, so a
-    script or experiment runner cannot mistake the failure for a finished training. The weights of
-    the engine's ``network`` are checked after every iteration too: a NaN gradient under a finite
-    loss (e.g. the derivative of ``sqrt`` at 0) turns them into NaN silently, and an epoch ending
-    there would otherwise save them into ``checkpoint.pt`` and, as their all-empty predictions can
-    score well on cases without some region, even into the best ``model.pt``.
-    """
-
-    def __init__(self, output_transform: Callable = lambda output: output[CommonKeys.LOSS]) -> None:
-        self.output_transform = output_transform
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for output in outputs:
-            loss = self.output_transform(output)
-            value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
-            if not math.isfinite(value):
-                raise RuntimeError(
-                    f"training loss is {value} {where}: stopping; the checkpoints on disk are those of the last "
-                    "completed epoch."
-                )
-        network = getattr(engine, "network", None)
-        if isinstance(network, torch.nn.Module):
-            bad = next((name for name, p in network.named_parameters() if not bool(torch.isfinite(p).all())), None)
-            if bad is not None:
-                raise RuntimeError(
-                    f"network weight '{bad}' became NaN or infinite {where} although the loss was finite (a NaN or "
-                    "infinite gradient): stopping; the checkpoints on disk are those of the last completed epoch."
-                )

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -40,6 +39,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+
+from .io import write_json_atomic, write_nifti_atomic
 
 __all__ = [
     "BRATS_LABELS",
@@ -64,39 +65,6 @@ LABEL_FORMATS = ("labels", "probabilities")
 # Pseudo labels are written in BraTS values: their per-entry map is the identity.
 BRATS_IDENTITY_MAP = {"orig": [1, 2, 4], "target": [1, 2, 4]}
 SOFT_SCALE = 65535
-
-
-# ------------------------------------------------------------------------------ atomic writes
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_json(obj, path: str | os.PathLike) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(Path(path), write)
 
 
 # ------------------------------------------------------------------------------ output guard
@@ -221,7 +189,7 @@ class SaveConfidenced(MapTransform):
                 "foreground_voxels": count,
                 "shape": [int(s) for s in d[key].shape[1:]],
             }
-            _write_json(record, _sidecar(self.output_dir, case_id))
+            write_json_atomic(_sidecar(self.output_dir, case_id), record)
             logger.info(f"{case_id}: confidence {confidence:.4f} ({count} predicted tumour voxels)")
         return d
 
@@ -246,7 +214,7 @@ class SaveSoftLabeld(MapTransform):
             quantised = np.round(np.clip(array, 0.0, 1.0) * SOFT_SCALE).astype(np.uint16)
             image = nib.Nifti1Image(quantised, np.asarray(probs.affine, dtype=np.float64))
             image.header.set_slope_inter(1.0 / SOFT_SCALE, 0.0)
-            _atomic_write(_label_file(self.output_dir, d[self.case_id_key]), lambda tmp: nib.save(image, tmp))
+            write_nifti_atomic(_label_file(self.output_dir, d[self.case_id_key]), image)
         return d
 
 
@@ -398,7 +366,7 @@ def write_combined_datalist(
         "confidence": "mean of max(p, 1-p) over the TC/WT/ET channels and the predicted tumour voxels (0 if none)",
         **dict(info or {}),
     }
-    _write_json(combined, out_path)
+    write_json_atomic(out_path, combined)
     logger.info(
         f"wrote {out_path}: {len(manual)} manual + {len(pseudo)} pseudo-labelled training entries, {len(dropped)} dropped"
     )

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["Flipped", "flip_variants", "flipped_members"]
+__all__ = ["Flipped", "MeanEnsemble", "flip_variants", "flipped_members"]
 
 
 class Flipped(nn.Module):
@@ -63,3 +63,36 @@ def flipped_members(members: Mapping[str, nn.Module], names: Sequence[str], flip
     if unknown:
         raise ValueError(f"unknown ensemble member(s) {unknown}; known: {sorted(members)}.")
     return [Flipped(members[name], axes) for name in names for axes in flips]
+
+
+class MeanEnsemble(nn.Module):
+    """The ensemble as one network: the mean of its members' **sigmoid probabilities** (TC, WT, ET).
+
+    This is what the model zoo's tools (``verify_net_in_out``, ``ckpt_export``, MONAI Label) call as
+    ``network_def``. Members are reachable by name (``ensemble["unet"]``) so that each loads its own
+    checkpoint; evaluation and inference may still run them through ``EnsembleEvaluator`` +
+    ``MeanEnsembled`` (with :func:`flipped_members` for TTA), which computes the same mean.
+    The output is a probability in [0, 1], not a logit: threshold it at 0.5 without a sigmoid.
+    """
+
+    def __init__(self, members: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member.")
+        self.members = nn.ModuleDict(dict(members))
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.members[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.members
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def keys(self):
+        return self.members.keys()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probabilities = [torch.sigmoid(member(x)) for member in self.members.values()]
+        return torch.stack(probabilities).mean(0)
