@@ -36,6 +36,18 @@ def test_kdnet_report_has_table1_rows_with_dice_in_unit_interval(kdnet_smoke):
         assert cells[6] == "2", "the Folds column"
 
 
+@pytest.mark.parametrize("model", ["teacher", "baseline", "student"])
+def test_progress_counts_the_epochs_of_every_training_stage(kdnet_smoke, model):
+    """The runner's epoch bar follows each stage's log; the student logs as KDTrainer, not SupervisedTrainer
+    (its bar stayed at 0 for the whole training), and the validation evaluator's lines must not count."""
+    from tools.stages import EPOCH_DONE
+
+    log = (kdnet_smoke / "fold0" / model / "train" / "log.txt").read_text().splitlines()
+    epochs = [int(m.group(1)) for m in map(EPOCH_DONE.search, log) if m]
+    assert epochs == [1], f"{model}: epochs read from the log {epochs}, the smoke preset trains 1"
+    assert any("Evaluator - INFO - Epoch[1] Complete" in line for line in log), "the evaluator line is in the log"
+
+
 def test_kdnet_report_records_provenance_and_stage_times(kdnet_smoke):
     report = (kdnet_smoke / "report.md").read_text()
     experiment = json.loads((kdnet_smoke / "experiment.json").read_text())

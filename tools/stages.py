@@ -23,7 +23,9 @@ from brats_kd.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
-EPOCH_DONE = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
+# An epoch of any Ignite trainer (SupervisedTrainer, the KD student's KDTrainer, ...) completing; the
+# evaluator that ValidationHandler runs logs the same line as "...Evaluator", which must not count.
+EPOCH_DONE = re.compile(r"\.\w*Trainer - INFO - Epoch\[(\d+)\] Complete")
 
 
 class StageFailed(RuntimeError):
