@@ -44,10 +44,10 @@ class RegionsToBratsLabelsd(MapTransform):
         return d
 
 
-class SaveBratsLabelMapd(MapTransform):
-    """Save a BraTS label map (0/1/2/4, uint8) as ``<output_dir>/<case_id>.nii.gz``, atomically.
+class SaveCaseImaged(MapTransform):
+    """Base of the per-case NIfTI writers: ``image(tensor)`` → ``<output_dir>/<case_id>.nii.gz``, atomically.
 
-    The label map must already be in the case's original geometry (invert the preprocessing first);
+    The tensor must already be in the case's original geometry (invert the preprocessing first);
     its affine comes from the tensor's metadata.
     """
 
@@ -56,11 +56,19 @@ class SaveBratsLabelMapd(MapTransform):
         self.output_dir = output_dir
         self.case_id_key = case_id_key
 
+    def image(self, tensor: torch.Tensor) -> nib.Nifti1Image:
+        raise NotImplementedError
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            labels = d[key]
-            array = np.asarray(labels.detach().cpu())[0].astype(np.uint8)
-            affine = np.asarray(labels.affine, dtype=np.float64)
-            write_nifti_atomic(Path(self.output_dir) / f"{d[self.case_id_key]}.nii.gz", nib.Nifti1Image(array, affine))
+            write_nifti_atomic(Path(self.output_dir) / f"{d[self.case_id_key]}.nii.gz", self.image(d[key]))
         return d
+
+
+class SaveBratsLabelMapd(SaveCaseImaged):
+    """Save a BraTS label map (0/1/2/4, uint8) ``[1, *spatial]`` as ``<output_dir>/<case_id>.nii.gz``."""
+
+    def image(self, tensor: torch.Tensor) -> nib.Nifti1Image:
+        array = np.asarray(tensor.detach().cpu())[0].astype(np.uint8)
+        return nib.Nifti1Image(array, np.asarray(tensor.affine, dtype=np.float64))

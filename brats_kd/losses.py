@@ -183,7 +183,7 @@ class KDNetObjective(nn.Module):
         L = lambda * L_KD + (1 - lambda) * L_GT + alpha * L_KL
 
     where ``L_GT`` (Eq. 4) is Dice + BCE against the reference segmentation -- in the bundle
-    ``monai.losses.DiceCELoss(sigmoid=True)`` -- ``L_KD`` is :class:`KDLoss` and ``L_KL`` is
+    ``monai.losses.DiceFocalLoss(sigmoid=True, gamma=0)`` (gamma 0: plain BCE) -- ``L_KD`` is :class:`KDLoss` and ``L_KL`` is
     :class:`BottleneckKLLoss`.
 
     A term whose weight is 0 is not evaluated (and reported as 0), so the GT-only baseline and the

@@ -40,7 +40,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .io import write_json_atomic, write_nifti_atomic
+from .io import write_json_atomic
+from .labels import SaveCaseImaged
 
 __all__ = [
     "BRATS_LABELS",
@@ -194,28 +195,19 @@ class SaveConfidenced(MapTransform):
         return d
 
 
-class SaveSoftLabeld(MapTransform):
+class SaveSoftLabeld(SaveCaseImaged):
     """Save region probabilities ``[3, *spatial]`` as ``<output_dir>/<case_id>.nii.gz`` (atomically):
     a 4-D NIfTI ``(x, y, z, 3)``, uint16 with ``scl_slope = 1/65535``, affine from the tensor's metadata
     (so the probabilities must already be in the case's original geometry)."""
 
-    def __init__(self, keys: KeysCollection, output_dir: str, case_id_key: str = "case_id") -> None:
-        super().__init__(keys)
-        self.output_dir = output_dir
-        self.case_id_key = case_id_key
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            probs = d[key]
-            if probs.shape[0] != 3:
-                raise ValueError(f"expected 3 region channels (TC, WT, ET), got shape {tuple(probs.shape)}.")
-            array = np.moveaxis(np.asarray(probs.detach().cpu(), dtype=np.float32), 0, -1)
-            quantised = np.round(np.clip(array, 0.0, 1.0) * SOFT_SCALE).astype(np.uint16)
-            image = nib.Nifti1Image(quantised, np.asarray(probs.affine, dtype=np.float64))
-            image.header.set_slope_inter(1.0 / SOFT_SCALE, 0.0)
-            write_nifti_atomic(_label_file(self.output_dir, d[self.case_id_key]), image)
-        return d
+    def image(self, tensor: torch.Tensor) -> nib.Nifti1Image:
+        if tensor.shape[0] != 3:
+            raise ValueError(f"expected 3 region channels (TC, WT, ET), got shape {tuple(tensor.shape)}.")
+        array = np.moveaxis(np.asarray(tensor.detach().cpu(), dtype=np.float32), 0, -1)
+        quantised = np.round(np.clip(array, 0.0, 1.0) * SOFT_SCALE).astype(np.uint16)
+        image = nib.Nifti1Image(quantised, np.asarray(tensor.affine, dtype=np.float64))
+        image.header.set_slope_inter(1.0 / SOFT_SCALE, 0.0)
+        return image
 
 
 # ------------------------------------------------------------------------------ skip finished cases

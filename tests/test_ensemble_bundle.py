@@ -158,7 +158,9 @@ def test_train_and_infer_workflows_have_the_required_properties(datalist):
         assert workflow.check_properties() == [], f"{configs}: missing workflow properties"
 
 
-@pytest.mark.parametrize("value, expected", [(False, False), ("false", False), ("0", False), (True, True), ("true", True), ("True", True)])
+@pytest.mark.parametrize(
+    "value, expected", [(False, False), ("false", False), ("0", False), (True, True), ("true", True), ("True", True)]
+)
 def test_command_line_flags_are_read_as_flags_not_by_truthiness(value, expected):
     """``--tta false`` reaches the config as the string 'false' (Fire parses Python literals only)."""
     infer = bundle_config(ENSEMBLE, ["inference.json", "pseudo_label.json"], tta=value, soft_labels=value)
@@ -178,8 +180,9 @@ def test_training_transforms_follow_the_papers_augmentation(datalist):
     flips = [t["spatial_axis"] for t in config["random_transforms"] if t["_target_"] == "RandFlipd"]
     assert flips == [0, 1], "mirroring only on the in-plane axes (the paper keeps the axial orientation)"
     assert all(t.get("channel_wise") for t in config["random_transforms"] if "Intensity" in t["_target_"])
-    parser = bundle_config(ENSEMBLE, ["train.json", "member_unet.json"], datalist=str(datalist), **ENSEMBLE_TINY,
-                           affine_prob=1.0, intensity_prob=1.0)
+    parser = bundle_config(
+        ENSEMBLE, ["train.json", "member_unet.json"], datalist=str(datalist), **ENSEMBLE_TINY, affine_prob=1.0, intensity_prob=1.0
+    )
     contrast = parser.get_parsed_content("contrast_transforms")
     assert [type(t).__name__ for t in contrast] == ["RandAdjustContrastd"] * 4  # one gamma per modality
     case = parser.get_parsed_content("train_datalist")[0]
@@ -207,14 +210,24 @@ def test_each_member_trains_one_epoch_and_saves_its_own_checkpoint(models_dir):
         assert "Epoch: 1/1" in log and "val_mean_dice" in log
 
 
-def test_ensemble_and_single_member_evaluation_write_metrics_summary_and_label_maps(models_dir, datalist, datalist_json, tmp_path):
+def test_ensemble_and_single_member_evaluation_write_metrics_summary_and_label_maps(
+    models_dir, datalist, datalist_json, tmp_path
+):
     out = tmp_path / "eval"
     results = run_parallel(
         {
-            "ensemble": (ENSEMBLE, ["train.json", "evaluate.json", "evaluate_ensemble.json"], tmp_path,
-                         dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "ensemble"))),
-            "resunet": (ENSEMBLE, ["train.json", "member_resunet.json", "evaluate.json"], tmp_path,
-                        dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "resunet"))),
+            "ensemble": (
+                ENSEMBLE,
+                ["train.json", "evaluate.json", "evaluate_ensemble.json"],
+                tmp_path,
+                dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "ensemble")),
+            ),
+            "resunet": (
+                ENSEMBLE,
+                ["train.json", "member_resunet.json", "evaluate.json"],
+                tmp_path,
+                dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir), output_dir=str(out / "resunet")),
+            ),
         }
     )
     assert all(f"Restored all variables from {models_dir / m / 'model.pt'}" in results["ensemble"].stdout for m in MEMBERS)
@@ -226,7 +239,9 @@ def test_ensemble_and_single_member_evaluation_write_metrics_summary_and_label_m
             assert summary[metric]["n"] == len(test_cases), f"{name}: {metric} not computed for every test case"
             assert set(read_raw_csv(folder / f"{metric}_raw.csv")) == set(test_cases)
         for case_id, case in test_cases.items():
-            assert_label_map_like(folder / "predictions" / f"{case_id}.nii.gz", Path(datalist_json["dataset_dir"]) / case["label"])
+            assert_label_map_like(
+                folder / "predictions" / f"{case_id}.nii.gz", Path(datalist_json["dataset_dir"]) / case["label"]
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ import torch
 
 from tests.bundle_runner import bundle_config
 from tests.test_zoo_conformance import (
-    needs_trace,
     BUNDLE_NAMES,
     bundle_path,
     fake_spatial_shape,
     inference_networks,
+    needs_trace,
     read_metadata,
 )
 
@@ -84,7 +84,10 @@ def export(
     if torchscript:  # MONAI's default torch.jit.script (any input size); the encoder-decoder is traced, explicitly
         ckpt_export(filepath=str(out_dir / "model.ts"), use_trace=needs_trace(network), **common)
     onnx_export(
-        filepath=str(out_dir / "model.onnx"), use_trace=True, converter_kwargs=onnx_converter_kwargs(dynamo, dynamic_axes), **common
+        filepath=str(out_dir / "model.onnx"),
+        use_trace=True,
+        converter_kwargs=onnx_converter_kwargs(dynamo, dynamic_axes),
+        **common,
     )
     return network, fmt, input_shape
 
@@ -143,7 +146,9 @@ def assert_onnx_matches(path, network: torch.nn.Module, shape) -> None:
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "dynamic-axes"])
 def test_kd_student_onnx_with_the_dynamo_exporter_and_with_dynamic_axes(dynamo, tmp_path):
     """torch's default (dynamo) ONNX exporter, and a TorchScript-based export whose sizes are free."""
-    network, _, input_shape = export("kd_student", "network_def", tmp_path, dynamo=dynamo, dynamic_axes=not dynamo, torchscript=False)
+    network, _, input_shape = export(
+        "kd_student", "network_def", tmp_path, dynamo=dynamo, dynamic_axes=not dynamo, torchscript=False
+    )
     shapes = [input_shape] if dynamo else [input_shape, [2, input_shape[1], 48, 64, 32]]
     for shape in shapes:
         assert_onnx_matches(tmp_path / "model.onnx", network, shape)

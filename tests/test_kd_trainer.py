@@ -10,7 +10,6 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-
 import brats_kd.bottleneck as bottleneck
 import brats_kd.losses as losses
 import brats_kd.teacher as teacher_mod
@@ -116,16 +115,16 @@ def test_bottleneck_hook_captures_named_submodule():
     expected = net.bottleneck(net.down(net.encoder(x)))
     hook = bottleneck.BottleneckHook(net)
     with pytest.raises(RuntimeError, match="run the network forward"):
-        hook.output
+        _ = hook.output
     net(x)
     torch.testing.assert_close(hook.output, expected)
     hook.clear()
     with pytest.raises(RuntimeError, match="no bottleneck output"):
-        hook.output
+        _ = hook.output
     hook.remove()
     assert not net.bottleneck._forward_hooks
     with pytest.raises(RuntimeError, match="removed"):
-        hook.output
+        _ = hook.output
 
 
 def test_bottleneck_hook_resolves_wrappers_and_dotted_names():

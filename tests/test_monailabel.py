@@ -4,7 +4,8 @@ MONAI Label lives in its own virtual environment (``tools/monailabel_env.sh`` ma
 ``.venv-monailabel``; ``MONAILABEL_VENV`` points elsewhere). Without it the test is skipped, unless
 the environment variable ``CI`` is set, where a missing venv is a failure.
 
-One server serves every student bundle present (kd_student, omni_student once it has
+Each bundle is served from the zip ``tools.package`` makes (``brats_kd`` vendored inside: the MONAI
+Label venv does not install it). One server serves every student bundle present (kd_student, omni_student once it has
 ``inference.json`` and ``metadata.json``), each with a randomly initialised ``{"model": state_dict}``
 checkpoint: the test checks the protocol, not accuracy. A phantom case is POSTed to
 ``/infer/<bundle>``; the returned label map must use only the label values named by the bundle's
@@ -25,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +35,7 @@ import pytest
 import torch
 
 from tests.bundle_runner import BUNDLES, ROOT, bundle_config, log_tail
+from tools.package import build
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +50,6 @@ BRATS_VALUES = {0, 1, 2, 4}
 MODALITY_FILES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
 START_TIMEOUT_S = 240
 INFER_TIMEOUT_S = 300
-BUNDLE_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "runs", "eval", "predictions", "models", "logs")
 
 
 def metadata(name: str) -> dict:
@@ -146,8 +148,11 @@ def server(monailabel_python, tmp_path_factory):
     app = work / "app"
     shutil.copytree(sample_app, app)
     for name in STUDENTS:
+        # the zip tools.package makes, brats_kd vendored inside: .venv-monailabel does not have brats_kd installed
+        zip_path = build(BUNDLES / name, work / "dist" / f"{name}.zip")
+        zipfile.ZipFile(zip_path).extractall(app / "model")
         bundle = app / "model" / name
-        shutil.copytree(BUNDLES / name, bundle, ignore=BUNDLE_COPY_IGNORE)
+        assert (bundle / "brats_kd" / "__init__.py").is_file()
         (bundle / "models").mkdir()
         torch.manual_seed(0)
         network = bundle_config(BUNDLES / name, "inference.json").get_parsed_content("network_def")

@@ -32,16 +32,27 @@ def trained_student(tmp_path_factory, datalist, phantom_dataset) -> dict:
         combined = pseudo["work"] / "soft" / "datalist.json"
         work = tmp_path_factory.mktemp("omni")
         common = dict(OMNI_TINY, datalist=str(combined), ckpt_dir=str(work / "models"))
-        train = run_parallel({"train": (OMNI, "train.json", work, dict(common, output_dir=str(work / "runs"), epochs=1, val_interval=1))})
+        train = run_parallel(
+            {"train": (OMNI, "train.json", work, dict(common, output_dir=str(work / "runs"), epochs=1, val_interval=1))}
+        )
         after = run_parallel(
             {
                 "evaluate": (OMNI, ["train.json", "evaluate.json"], work, dict(common, output_dir=str(work / "eval"))),
-                "infer": (OMNI, "inference.json", work, dict(OMNI_TINY, datalist=str(datalist), ckpt_dir=str(work / "models"),
-                                                             output_dir=str(work / "predictions"))),
+                "infer": (
+                    OMNI,
+                    "inference.json",
+                    work,
+                    dict(OMNI_TINY, datalist=str(datalist), ckpt_dir=str(work / "models"), output_dir=str(work / "predictions")),
+                ),
             }
         )
-        _SESSION.update(work=work, combined=combined, hard_combined=pseudo["work"] / "hard" / "datalist.json",
-                        train_log=train["train"].stdout, eval_log=after["evaluate"].stdout)
+        _SESSION.update(
+            work=work,
+            combined=combined,
+            hard_combined=pseudo["work"] / "hard" / "datalist.json",
+            train_log=train["train"].stdout,
+            eval_log=after["evaluate"].stdout,
+        )
     return _SESSION
 
 
@@ -63,9 +74,15 @@ def test_workflows_have_the_required_properties(datalist):
     from monai.bundle import ConfigWorkflow
 
     for config, workflow_type in (("train.json", "train"), ("inference.json", "infer")):
-        workflow = ConfigWorkflow(config_file=str(OMNI / "configs" / config), workflow_type=workflow_type,
-                                  logging_file=False, bundle_root=str(OMNI), datalist=str(datalist), cache_rate=0.0,
-                                  **OMNI_TINY)
+        workflow = ConfigWorkflow(
+            config_file=str(OMNI / "configs" / config),
+            workflow_type=workflow_type,
+            logging_file=False,
+            bundle_root=str(OMNI),
+            datalist=str(datalist),
+            cache_rate=0.0,
+            **OMNI_TINY,
+        )
         workflow.initialize()
         assert workflow.check_properties() == [], f"{config}: missing workflow properties"
 
@@ -101,10 +118,12 @@ def test_each_entry_is_mapped_with_its_own_label_convention(student):
     for kind, path in (("hard", student["hard_combined"]), ("soft", student["combined"])):
         parser = parsed("train.json", datalist=str(path))
         settings = [parser.get_parsed_content(k) for k in ("dataset_dir", "path_keys", "entry_defaults", "entry_keys")]
-        resolve = lambda entry: resolve_paths([entry], *settings)[0]  # noqa: E731
         transform = parser.get_parsed_content("validate#preprocessing")
-        for entry in parser.get_parsed_content("datalist_json")["training"][-1:] + parser.get_parsed_content("datalist_json")["training"][:1]:
-            items[(kind, entry["source"])] = transform(resolve(entry))
+        for entry in (
+            parser.get_parsed_content("datalist_json")["training"][-1:]
+            + parser.get_parsed_content("datalist_json")["training"][:1]
+        ):
+            items[(kind, entry["source"])] = transform(resolve_paths([entry], *settings)[0])
     for key, item in items.items():
         assert tuple(item["label"].shape[:1]) == (3,), key
         assert "label_map" not in item and "label_format" not in item, "per-entry keys are consumed"
@@ -195,5 +214,6 @@ def test_evaluation_scores_the_manual_test_fold_only(student, datalist_json):
 
 def test_inference_writes_label_maps_for_unlabeled_cases(student, datalist_json):
     for case in datalist_json["unlabeled"]:
-        assert_label_map_like(student["work"] / "predictions" / f"{case['case_id']}.nii.gz",
-                              Path(datalist_json["dataset_dir"]) / case["t1"])
+        assert_label_map_like(
+            student["work"] / "predictions" / f"{case['case_id']}.nii.gz", Path(datalist_json["dataset_dir"]) / case["t1"]
+        )

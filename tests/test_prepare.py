@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tools import prepare
 from brats_kd.io import write_json_atomic
+from tools import prepare
 from tools.layouts import Case
 from tools.phantom import write_dataset
 

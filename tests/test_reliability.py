@@ -341,9 +341,13 @@ def test_killed_evaluation_leaves_only_complete_predictions_and_a_rerun_complete
     configs = ["train.json", "evaluate.json"]
 
     def some_written(_log: str, _proc) -> bool:
-        return predictions.is_dir() and any(p.name.endswith(".nii.gz") and not p.name.startswith(".") for p in predictions.iterdir())
+        return predictions.is_dir() and any(
+            p.name.endswith(".nii.gz") and not p.name.startswith(".") for p in predictions.iterdir()
+        )
 
-    log, code = run_and_kill_when(bundle_command("teacher", configs, **overrides), tmp_path, tmp_path / "killed.log", some_written)
+    log, code = run_and_kill_when(
+        bundle_command("teacher", configs, **overrides), tmp_path, tmp_path / "killed.log", some_written
+    )
     assert code == -signal.SIGKILL, f"the evaluation ended (code {code}) before it could be killed:\n{log_tail(log)}"
     test_cases = sorted(c["case_id"] for c in datalist_json["training"] if c["fold"] == 0)
     written = sorted(p.name for p in predictions.iterdir())
@@ -407,8 +411,7 @@ def test_a_write_killed_half_way_never_replaces_the_previous_file(what, name, tm
     target.parent.mkdir()
     script = tmp_path / "child.py"
     script.write_text(HALF_WRITE_CHILD)
-    proc = subprocess.run([sys.executable, str(script), what, str(target)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script), what, str(target)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGXFSZ, f"the second write was not cut: {proc.returncode}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("first write complete") == 1 and "second write complete" not in proc.stdout
 
@@ -428,13 +431,20 @@ def test_a_write_killed_half_way_never_replaces_the_previous_file(what, name, tm
         assert not np.asanyarray(nib.load(str(target)).dataobj).any()
     else:
         from ignite.engine import Engine
+
         from brats_kd.checkpoints import AtomicCheckpointSaver
 
         assert set(load(target)["model"]) == {"weight", "bias"}
         net = torch.nn.Linear(64, 64)
         engine = Engine(lambda e, b: None)
-        AtomicCheckpointSaver(save_dir=str(target.parent), save_dict={"model": net}, save_interval=1,
-                              n_saved=1, interval_filename=name, epoch_level=True).attach(engine)
+        AtomicCheckpointSaver(
+            save_dir=str(target.parent),
+            save_dict={"model": net},
+            save_interval=1,
+            n_saved=1,
+            interval_filename=name,
+            epoch_level=True,
+        ).attach(engine)
         engine.run([0], max_epochs=1)
         assert torch.equal(load(target)["model"]["weight"], net.weight)
     assert target.read_bytes() != first
@@ -477,12 +487,19 @@ def fail_fsync_of(monkeypatch, prefix: str) -> None:
 
 def test_checkpoint_saver_on_a_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
     from ignite.engine import Engine
+
     from brats_kd.checkpoints import AtomicCheckpointSaver
 
     net = torch.nn.Linear(32, 32)
     engine = Engine(lambda e, b: net.weight.data.add_(1.0))
-    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "trainer": engine}, save_interval=1,
-                          n_saved=1, interval_filename="checkpoint.pt", epoch_level=True).attach(engine)
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"model": net, "trainer": engine},
+        save_interval=1,
+        n_saved=1,
+        interval_filename="checkpoint.pt",
+        epoch_level=True,
+    ).attach(engine)
     engine.run([0], max_epochs=1)
     before = snapshot(tmp_path)
 
@@ -496,8 +513,11 @@ def test_checkpoint_saver_on_a_full_disk_keeps_the_previous_checkpoint_and_says_
 
     monkeypatch.setattr(torch, "save", half_then_enospc)
     engine.state.max_epochs = 2
-    with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint\.pt': No space left on device\. "
-                                      r"The previous 'checkpoint\.pt' \(if any\) is unchanged"):
+    with pytest.raises(
+        OSError,
+        match=r"could not write checkpoint .*checkpoint\.pt': No space left on device\. "
+        r"The previous 'checkpoint\.pt' \(if any\) is unchanged",
+    ):
         engine.run([0])
     assert snapshot(tmp_path) == before, "the previous checkpoint changed or a temporary file was left"
     assert trained_epochs(load(tmp_path / "checkpoint.pt")) == 1
@@ -580,7 +600,9 @@ def test_every_torch_load_in_bundles_and_tools_is_weights_only():
     """Every ``torch.load(`` call in brats_kd/, bundles/ and tools/ (code and configs) passes ``weights_only=True``;
     no ``pickle.load`` / ``allow_pickle=True`` at all."""
     calls, problems = 0, []
-    for path in sorted(p for d in ("brats_kd", "bundles", "tools") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".json")):
+    for path in sorted(
+        p for d in ("brats_kd", "bundles", "tools") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".json")
+    ):
         text = path.read_text(encoding="utf-8")
         for match in re.finditer(r"torch\.load\(", text):
             line = text.count("\n", 0, match.start()) + 1
@@ -658,27 +680,43 @@ def faulty_runs(trained_teacher_run, tmp_path_factory) -> dict:
     # malicious pickles: the KD teacher, the resume checkpoint, the evaluated model
     work = folder("evil_teacher")
     evil = _malicious_checkpoint(work / "teacher" / "model.pt", context["evil_teacher"]["marker"])
-    jobs["evil_teacher"] = ("kd_student", "train.json", work, dict(
-        common, teacher_ckpt=str(evil), ckpt_dir=str(work / "models"), output_dir=str(work / "runs"), epochs=1))
+    jobs["evil_teacher"] = (
+        "kd_student",
+        "train.json",
+        work,
+        dict(common, teacher_ckpt=str(evil), ckpt_dir=str(work / "models"), output_dir=str(work / "runs"), epochs=1),
+    )
     work = folder("evil_resume")
     _malicious_checkpoint(work / "models" / "checkpoint.pt", context["evil_resume"]["marker"])
     jobs["evil_resume"] = ("teacher", "train.json", work, resume(work, 3))
     work = folder("evil_model")
     _malicious_checkpoint(work / "models" / "model.pt", context["evil_model"]["marker"])
-    jobs["evil_model"] = ("teacher", ["train.json", "evaluate.json"], work, dict(
-        common, ckpt_dir=str(work / "models"), output_dir=str(work / "eval")))
+    jobs["evil_model"] = (
+        "teacher",
+        ["train.json", "evaluate.json"],
+        work,
+        dict(common, ckpt_dir=str(work / "models"), output_dir=str(work / "eval")),
+    )
     # another architecture: a 1-channel (T1ce) network resuming from the 4-channel teacher
     work = folder("wrong_channels", with_checkpoints=True)
     jobs["wrong_channels"] = ("teacher", "train.json", work, resume(work, 3, modalities=["t1ce"]))
     # bad environment
     work = folder("ckpt_dir_is_a_file")
     (work / "models").write_text("not a folder\n")
-    jobs["ckpt_dir_is_a_file"] = ("teacher", "train.json", work, dict(
-        common, ckpt_dir=str(work / "models"), output_dir=str(work / "runs"), epochs=1))
+    jobs["ckpt_dir_is_a_file"] = (
+        "teacher",
+        "train.json",
+        work,
+        dict(common, ckpt_dir=str(work / "models"), output_dir=str(work / "runs"), epochs=1),
+    )
     work = folder("output_inside_a_file")
     (work / "eval").write_text("not a folder\n")
-    jobs["output_inside_a_file"] = ("teacher", ["train.json", "evaluate.json"], work, dict(
-        common, output_dir=str(work / "eval" / "run1")))
+    jobs["output_inside_a_file"] = (
+        "teacher",
+        ["train.json", "evaluate.json"],
+        work,
+        dict(common, output_dir=str(work / "eval" / "run1")),
+    )
     work = folder("disk_full", with_checkpoints=True)
     limit = 256 * 1024  # bytes per file: TensorBoard events fit, a checkpoint does not (EFBIG, as root too)
     assert min(p.stat().st_size for p in (work / "models").iterdir()) > limit
@@ -717,11 +755,14 @@ def _unchanged(faulty_runs: dict, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, message", [
-    ("evil_teacher", "Refusing to load teacher checkpoint"),
-    ("evil_resume", "Weights only load failed"),
-    ("evil_model", "Weights only load failed"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("evil_teacher", "Refusing to load teacher checkpoint"),
+        ("evil_resume", "Weights only load failed"),
+        ("evil_model", "Weights only load failed"),
+    ],
+)
 def test_a_malicious_pickle_is_refused_and_never_runs(faulty_runs, name, message):
     result = faulty_runs["results"][name]
     assert_failed_before_training(result, message)
@@ -743,10 +784,13 @@ def test_a_checkpoint_of_another_architecture_is_refused_before_training(faulty_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, message", [
-    ("nan_loss", "training loss is nan at epoch 3, iteration {first_of_epoch_3_plus_1}"),
-    ("nan_gradient", "became NaN or infinite at epoch 3, iteration {last_of_epoch_3} although the loss was finite"),
-])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("nan_loss", "training loss is nan at epoch 3, iteration {first_of_epoch_3_plus_1}"),
+        ("nan_gradient", "became NaN or infinite at epoch 3, iteration {last_of_epoch_3} although the loss was finite"),
+    ],
+)
 def test_a_numerical_fault_stops_the_run_and_leaves_the_checkpoints_byte_identical(faulty_runs, fault, message):
     length = faulty_runs["epoch_length"]
     message = message.format(first_of_epoch_3_plus_1=2 * length + 2, last_of_epoch_3=3 * length)
@@ -815,17 +859,26 @@ def test_pseudo_labelling_killed_mid_way_resumes_without_redoing_a_case(datalist
     from tests.test_ensemble_bundle import ENSEMBLE, ENSEMBLE_TINY, trained_members
 
     out = tmp_path / "pseudo"
-    overrides = dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(trained_members(tmp_path_factory, datalist)),
-                     pseudo_label_dir=str(out))
+    overrides = dict(
+        ENSEMBLE_TINY,
+        datalist=str(datalist),
+        models_dir=str(trained_members(tmp_path_factory, datalist)),
+        pseudo_label_dir=str(out),
+    )
     configs = ["inference.json", "pseudo_label.json"]
     cases = sorted(c["case_id"] for c in datalist_json["unlabeled"])
     assert len(cases) >= 2
 
     def labels() -> list[str]:
-        return sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith(".")) if out.is_dir() else []
+        return (
+            sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith("."))
+            if out.is_dir()
+            else []
+        )
 
-    killed, code = run_and_kill_when(bundle_command(ENSEMBLE, configs, **overrides), tmp_path, tmp_path / "killed.log",
-                                     lambda _log, _proc: len(labels()) >= 1)
+    killed, code = run_and_kill_when(
+        bundle_command(ENSEMBLE, configs, **overrides), tmp_path, tmp_path / "killed.log", lambda _log, _proc: len(labels()) >= 1
+    )
     assert code == -signal.SIGKILL, f"pseudo-labelling ended (code {code}) before it could be killed:\n{log_tail(killed)}"
     done = labels()
     assert 1 <= len(done) < len(cases)

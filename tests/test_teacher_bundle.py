@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, TINY, bundle_config, run_bundle
+from tests.bundle_runner import BUNDLES, TINY, bundle_command, bundle_config, run_bundle
 
 TEACHER = BUNDLES / "teacher"
 ITERATION_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: \d+/\d+")
@@ -286,3 +287,35 @@ def test_inference_segments_the_datalists_unlabeled_cases_and_an_input_folder(
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for c in unlabeled + folder_cases)
     for case_id in unlabeled + folder_cases:
         assert_label_map_like(out / f"{case_id}.nii.gz", phantom_dataset / case_id / f"{case_id}_t1ce.nii.gz")
+
+
+@pytest.mark.slow
+def test_inference_skips_a_corrupt_case_in_one_line_and_ends_non_zero(
+    trained_teacher_run, datalist_json, phantom_dataset, tmp_path
+):
+    """Two case folders, one with a truncated FLAIR: the good one is segmented, the bad one named in one
+    line with its problem, no traceback, and the run exits non-zero with a summary."""
+    good, bad = (c["case_id"] for c in datalist_json["training"][:2])
+    folder = tmp_path / "cases"
+    for case_id in (good, bad):
+        shutil.copytree(phantom_dataset / case_id, folder / case_id)
+    flair = folder / bad / f"{bad}_flair.nii.gz"
+    flair.write_bytes(flair.read_bytes()[: flair.stat().st_size // 2])
+
+    out = tmp_path / "predictions"
+    command = bundle_command(
+        "teacher",
+        "inference.json",
+        input_dir=str(folder),
+        ckpt_dir=str(trained_teacher_run.ckpt_dir),
+        output_dir=str(out),
+        **TINY,
+    )
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert [p.name for p in out.iterdir()] == [f"{good}.nii.gz"]
+    log = proc.stdout + proc.stderr
+    named = [line for line in log.splitlines() if bad in line and "skipped" in line and "flair" in line]
+    assert len(named) == 1 and "truncated" in named[0], log[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "1 of 2 case(s) skipped" in proc.stderr and bad in proc.stderr.splitlines()[-1]

@@ -12,11 +12,10 @@ import re
 import pytest
 import torch
 
-from tests.bundle_runner import TINY, bundle_config, run_bundle
-
 import brats_kd.networks as network_module
 import brats_kd.teacher as teacher_module
 import brats_kd.teacher_cache as teacher_cache
+from tests.bundle_runner import TINY, bundle_config, run_bundle
 
 FILTERS = (4, 8, 16)  # the real network, small: two down-samplings
 SIZE = 16  # the bottleneck is 4x4x4, so its flips are not trivial
@@ -210,7 +209,8 @@ def test_cached_mode_trains_one_epoch_via_bundle_run(tmp_path, monkeypatch):
     write_dataset(tmp_path / "data", layout="brats2021", cases=4, size=32, seed=0)
     prepare(tmp_path / "data", tmp_path / "datalist.json", folds=2, seed=0)
     common = dict(TINY, datalist=str(tmp_path / "datalist.json"), epochs=1)
-    run_bundle("teacher", "train.json", cwd=tmp_path, ckpt_dir=str(tmp_path / "teacher"), output_dir=str(tmp_path / "t_runs"), **common)
+    teacher_dirs = {"ckpt_dir": str(tmp_path / "teacher"), "output_dir": str(tmp_path / "t_runs")}
+    run_bundle("teacher", "train.json", cwd=tmp_path, **teacher_dirs, **common)
     teacher_ckpt = tmp_path / "teacher" / "model.pt"
     cache_dir = tmp_path / "cache"
     student = dict(common, teacher_cache_dir=str(cache_dir), output_dir=str(tmp_path / "s_runs"))
@@ -220,8 +220,13 @@ def test_cached_mode_trains_one_epoch_via_bundle_run(tmp_path, monkeypatch):
     assert summary["cases"] == summary["computed"] == len(train_cases) > 0
     # no teacher in cached mode: a missing checkpoint would stop FrozenTeacher
     proc = run_bundle(
-        "kd_student", "train.json", cwd=tmp_path, teacher_mode="cached", teacher_ckpt=str(tmp_path / "absent.pt"),
-        ckpt_dir=str(tmp_path / "student"), **student,
+        "kd_student",
+        "train.json",
+        cwd=tmp_path,
+        teacher_mode="cached",
+        teacher_ckpt=str(tmp_path / "absent.pt"),
+        ckpt_dir=str(tmp_path / "student"),
+        **student,
     )
     terms = dict(TERM.findall(proc.stdout))
     assert set(terms) == {"loss_kd", "loss_kl"}, proc.stdout[-2000:]

@@ -52,8 +52,12 @@ KDNET_ABLATION_MODELS = (
     Model("student_gt_kd", "kd_student", (TRAIN, "configs/ablation_gt_kd.json"), teacher="teacher"),
     Model("teacher_skip0", "teacher", (TRAIN, "configs/skip0.json")),
     Model("baseline_skip0", "teacher", (TRAIN, "configs/baseline.json", "configs/skip0.json")),
-    Model("student_skip0_gt_kl", "kd_student", (TRAIN, "configs/skip0.json", "configs/ablation_gt_kl.json"), teacher="teacher_skip0"),
-    Model("student_skip0_gt_kd", "kd_student", (TRAIN, "configs/skip0.json", "configs/ablation_gt_kd.json"), teacher="teacher_skip0"),
+    Model(
+        "student_skip0_gt_kl", "kd_student", (TRAIN, "configs/skip0.json", "configs/ablation_gt_kl.json"), teacher="teacher_skip0"
+    ),
+    Model(
+        "student_skip0_gt_kd", "kd_student", (TRAIN, "configs/skip0.json", "configs/ablation_gt_kd.json"), teacher="teacher_skip0"
+    ),
     Model("student_skip0", "kd_student", (TRAIN, "configs/skip0.json"), teacher="teacher_skip0"),
 )
 
@@ -62,8 +66,9 @@ def model_dir(out: Path, fold: int, model: str) -> Path:
     return out / f"fold{fold}" / model
 
 
-def model_stages(model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict,
-                 shared: bool = True) -> list[Stage]:
+def model_stages(
+    model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict, shared: bool = True
+) -> list[Stage]:
     """The training and the evaluation stage of ``model`` on ``fold``.
 
     ``shared``: apply all of the preset's bundle settings (the KD-Net bundles); otherwise only ``extra``.
@@ -182,9 +187,13 @@ def run_stages(stages: list[Stage], out: Path) -> dict:
                 records.setdefault(stage.name, {})["status"] = "done"
                 overall.update()
                 continue
-            epochs = tqdm(total=stage.epochs, desc=stage.name, unit="epoch", leave=False, file=sys.stderr) if stage.kind == "train" else None
+            epochs = (
+                tqdm(total=stage.epochs, desc=stage.name, unit="epoch", leave=False, file=sys.stderr)
+                if stage.kind == "train"
+                else None
+            )
             try:
-                seconds = run_stage(stage, on_epoch=(lambda n: epochs.update(n - epochs.n)) if epochs else None)
+                seconds = run_stage(stage, on_epoch=(lambda n, bar=epochs: bar.update(n - bar.n)) if epochs else None)
             finally:
                 if epochs is not None:
                     epochs.close()
@@ -209,8 +218,9 @@ def folds_to_run(num_folds: int, run_folds) -> list[int]:
     return chosen
 
 
-def _start(kind: str, data: str, out: str, preset: str, folds: int | None, seed: int, run_folds,
-           args: dict) -> tuple[Path, Preset, int, list[int]]:
+def _start(
+    kind: str, data: str, out: str, preset: str, folds: int | None, seed: int, run_folds, args: dict
+) -> tuple[Path, Preset, int, list[int]]:
     """Check the arguments (before anything is written), create ``out`` and record the experiment."""
     chosen = get_preset(preset)
     num_folds = int(folds) if folds is not None else chosen.folds
@@ -236,8 +246,16 @@ def _start(kind: str, data: str, out: str, preset: str, folds: int | None, seed:
     return root, chosen, num_folds, fold_list
 
 
-def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick", folds: int | None = None,
-          seed: int = 0, ablation: bool = False, teacher_mode: str = "online", run_folds=None) -> str:
+def kdnet(
+    data: str = "synthetic",
+    out: str = "runs/kdnet",
+    preset: str = "quick",
+    folds: int | None = None,
+    seed: int = 0,
+    ablation: bool = False,
+    teacher_mode: str = "online",
+    run_folds=None,
+) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
     Args:
@@ -252,8 +270,16 @@ def kdnet(data: str = "synthetic", out: str = "runs/kdnet", preset: str = "quick
     """
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
-    root, chosen, num_folds, fold_list = _start("kdnet", data, out, preset, folds, seed, run_folds,
-                                                {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds})
+    root, chosen, num_folds, fold_list = _start(
+        "kdnet",
+        data,
+        out,
+        preset,
+        folds,
+        seed,
+        run_folds,
+        {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds},
+    )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
     models = KDNET_MODELS + (KDNET_ABLATION_MODELS if ablation else ())
@@ -297,36 +323,81 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
     for member in MEMBERS:
         configs = (TRAIN, f"configs/member_{member}.json")
         stages += model_stages(
-            Model(f"member_{member}", "ensemble", configs,
-                  overrides={"models_dir": str(models_dir), "ckpt_dir": str(models_dir / member)}),
-            root, fold, datalist, preset, seed, extra=defined_settings("ensemble", list(configs), common), shared=False,
+            Model(
+                f"member_{member}",
+                "ensemble",
+                configs,
+                overrides={"models_dir": str(models_dir), "ckpt_dir": str(models_dir / member)},
+            ),
+            root,
+            fold,
+            datalist,
+            preset,
+            seed,
+            extra=defined_settings("ensemble", list(configs), common),
+            shared=False,
         )
     ensemble = fold_dir / "ensemble" / "evaluate"
     configs = [TRAIN, "configs/evaluate.json", "configs/evaluate_ensemble.json"]
-    stages.append(Stage(
-        name=f"fold{fold}/ensemble/evaluate", bundle="ensemble", configs=configs,
-        overrides={**defined_settings("ensemble", configs, common), "models_dir": str(models_dir), "output_dir": str(ensemble)},
-        folder=ensemble, kind="evaluate", done_file=ensemble / "summary.json",
-    ))
+    stages.append(
+        Stage(
+            name=f"fold{fold}/ensemble/evaluate",
+            bundle="ensemble",
+            configs=configs,
+            overrides={
+                **defined_settings("ensemble", configs, common),
+                "models_dir": str(models_dir),
+                "output_dir": str(ensemble),
+            },
+            folder=ensemble,
+            kind="evaluate",
+            done_file=ensemble / "summary.json",
+        )
+    )
     pseudo_dir = fold_dir / "pseudo_labels"
     combined = pseudo_dir / "datalist.json"
     configs = ["configs/inference.json", "configs/pseudo_label.json"]
-    stages.append(Stage(
-        name=f"fold{fold}/pseudo_label", bundle="ensemble", configs=configs,
-        overrides={**defined_settings("ensemble", configs, common), "models_dir": str(models_dir),
-                   "pseudo_label_dir": str(pseudo_dir), "combined_datalist": str(combined)},
-        folder=fold_dir / "pseudo_label", kind="pseudo", done_file=combined,
-    ))
+    stages.append(
+        Stage(
+            name=f"fold{fold}/pseudo_label",
+            bundle="ensemble",
+            configs=configs,
+            overrides={
+                **defined_settings("ensemble", configs, common),
+                "models_dir": str(models_dir),
+                "pseudo_label_dir": str(pseudo_dir),
+                "combined_datalist": str(combined),
+            },
+            folder=fold_dir / "pseudo_label",
+            kind="pseudo",
+            done_file=combined,
+        )
+    )
     student = defined_settings("omni_student", [TRAIN], common)
-    stages += model_stages(Model("omni_student", "omni_student", (TRAIN,), overrides={"datalist": str(combined)}),
-                           root, fold, datalist, preset, seed, extra=student, shared=False)
-    stages += model_stages(Model("manual_student", "omni_student", (TRAIN,)),
-                           root, fold, datalist, preset, seed, extra=student, shared=False)
+    stages += model_stages(
+        Model("omni_student", "omni_student", (TRAIN,), overrides={"datalist": str(combined)}),
+        root,
+        fold,
+        datalist,
+        preset,
+        seed,
+        extra=student,
+        shared=False,
+    )
+    stages += model_stages(
+        Model("manual_student", "omni_student", (TRAIN,)), root, fold, datalist, preset, seed, extra=student, shared=False
+    )
     return stages
 
 
-def omni(data: str = "synthetic", out: str = "runs/omni", preset: str = "quick", folds: int | None = None,
-         seed: int = 0, run_folds=None) -> str:
+def omni(
+    data: str = "synthetic",
+    out: str = "runs/omni",
+    preset: str = "quick",
+    folds: int | None = None,
+    seed: int = 0,
+    run_folds=None,
+) -> str:
     """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
 
     Args:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -24,8 +24,8 @@ import fire
 import numpy as np
 
 from brats_kd.io import write_json_atomic
+from brats_kd.validation import validate_case
 from tools.layouts import LAYOUTS, MODALITIES, Case, Layout, LayoutError, detect_layout, discover_cases
-from tools.validation import validate_case
 
 DATALIST_NAME = "brats-kd datalist"
 EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2

@@ -147,7 +147,8 @@ def write_report(out: str | Path) -> Path:
     if not results:
         raise FileNotFoundError(f"no evaluated model under {out} (expected fold<k>/<model>/evaluate/summary.json)")
     agg = aggregate(results)
-    write_json_atomic(out / "summary.json", {"aggregate": agg, "folds": {m: sorted(r) for m, r in results.items()}, "experiment": experiment})
+    folds = {m: sorted(r) for m, r in results.items()}
+    write_json_atomic(out / "summary.json", {"aggregate": agg, "folds": folds, "experiment": experiment})
     write_per_case_csv(results, out / "per_case.csv")
 
     sections = [f"# {experiment.get('experiment', 'brats-kd')} experiment report", ""]
@@ -155,9 +156,11 @@ def write_report(out: str | Path) -> Path:
     preset = experiment.get("preset", {})
     sections += [
         f"- command: `{experiment.get('command', '?')}`",
-        f"- data: {experiment.get('data', '?')}; folds: {experiment.get('folds', '?')}; seed: {experiment.get('seed', '?')}; preset: {preset.get('name', '?')}",
+        f"- data: {experiment.get('data', '?')}; folds: {experiment.get('folds', '?')}; "
+        f"seed: {experiment.get('seed', '?')}; preset: {preset.get('name', '?')}",
         f"- bundle settings: `{json.dumps(preset.get('bundle', {}))}`",
-        f"- versions: python {env.get('python')}, torch {env.get('torch')}, monai {env.get('monai')}, numpy {env.get('numpy')}; device: {env.get('device')}",
+        f"- versions: python {env.get('python')}, torch {env.get('torch')}, monai {env.get('monai')}, "
+        f"numpy {env.get('numpy')}; device: {env.get('device')}",
         f"- git commit: `{env.get('git_commit')}`{' (with uncommitted changes)' if env.get('git_dirty') else ''}",
         "- Dice in [0, 1] and HD95 in mm, computed per case in the original geometry with the BraTS empty-mask rules;"
         " each cell is the mean ± standard deviation over folds of the per-fold mean over that fold's test cases"
@@ -167,10 +170,19 @@ def write_report(out: str | Path) -> Path:
     if any(m in agg for m, _ in TABLE1):
         sections += ["## KD-Net Table 1: teacher, baseline and student", "", markdown_table(TABLE1, agg, ("Model",)), ""]
     if any(m in agg for m, *_ in TABLE2[2:4] + TABLE2[5:]):
-        sections += ["## KD-Net Table 2: loss-term ablation, 4 and 0 skip connections", "",
-                     markdown_table(TABLE2, agg, ("Skip connections", "Model", "Loss")), ""]
+        sections += [
+            "## KD-Net Table 2: loss-term ablation, 4 and 0 skip connections",
+            "",
+            markdown_table(TABLE2, agg, ("Skip connections", "Model", "Loss")),
+            "",
+        ]
     if any(m in agg for m, _ in OMNI_TABLE):
-        sections += ["## Lachinov et al.: ensemble, pseudo labels and distilled student", "", markdown_table(OMNI_TABLE, agg, ("Method",)), ""]
+        sections += [
+            "## Lachinov et al.: ensemble, pseudo labels and distilled student",
+            "",
+            markdown_table(OMNI_TABLE, agg, ("Method",)),
+            "",
+        ]
 
     pictures = figures.draw_all(out, results, agg)
     if pictures:
@@ -179,8 +191,15 @@ def write_report(out: str | Path) -> Path:
             sections += [f"### {title}", "", f"![{title}]({path.name})", ""]
     if stages:
         total = sum(r.get("seconds", 0) for r in stages.values())
-        sections += ["## Stages", "", f"Wall time of the stages run: {total / 60:.1f} min. Each stage's folder holds its "
-                     "merged config (`config.json`), overrides and log.", "", "| stage | wall time (s) |", "|---|---|"]
+        sections += [
+            "## Stages",
+            "",
+            f"Wall time of the stages run: {total / 60:.1f} min. Each stage's folder holds its "
+            "merged config (`config.json`), overrides and log.",
+            "",
+            "| stage | wall time (s) |",
+            "|---|---|",
+        ]
         sections += [f"| {name} | {r.get('seconds', '(earlier run)')} |" for name, r in stages.items()]
         sections.append("")
     report = out / "report.md"

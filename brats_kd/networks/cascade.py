@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from monai.networks.blocks import ADN, Convolution, UpSample
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 

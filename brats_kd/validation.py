@@ -1,4 +1,7 @@
-"""Per-case checks of a BraTS-style dataset, run before any datalist is written.
+"""Per-case input checks, the same at every entry point: ``tools.prepare`` before it writes a datalist,
+and every bundle's inference, evaluation and pseudo-labelling before a case reaches ``LoadImaged``
+(:class:`CaseGuard`: a bad case is named in one line and skipped, the others are processed, and
+the run ends non-zero with a summary).
 
 Every check returns human-readable problem strings instead of raising, so one pass reports
 all defects of all cases. Headers (shape, affine) are compared first; then each volume's
@@ -8,13 +11,49 @@ values. Memory use is therefore bounded by the largest single file, whatever the
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import nibabel as nib
 import numpy as np
 
-from tools.layouts import MODALITIES, Case, Layout
+from .config import one_file_per_case
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+logger = logging.getLogger(__name__)
+
+
+class Layout(Protocol):
+    """What the checks need to know about a dataset (``tools.layouts.Layout`` or :class:`CaseFormat`)."""
+
+    name: str
+    label_values: frozenset[int]
+    channel_index: dict[str, int]
+    multichannel: bool
+
+
+class Case(Protocol):
+    """A case to check (``tools.layouts.Case``): relative file paths per modality and of the label."""
+
+    case_id: str
+    images: dict[str, str]
+    label: str | None
+    stray_files: list[str]
+
+
+@dataclass(frozen=True)
+class CaseFormat:
+    """A :class:`Layout` described by a prepared datalist (what a bundle knows at inference time)."""
+
+    name: str = "datalist"
+    label_values: frozenset[int] = frozenset({0, 1, 2, 4})
+    channel_index: dict[str, int] = field(default_factory=dict)
+    multichannel: bool = False
 
 # Affines of co-registered BraTS volumes are identical; the tolerance (mm for the origin,
 # unitless for direction x spacing) only absorbs float32 storage and qform/sform rounding.
@@ -43,16 +82,23 @@ def file_roles(case: Case, layout: Layout) -> dict[str, str]:
 def validate_case(root: Path, case: Case, layout: Layout) -> list[str]:
     """All problems found in one case; an empty list means the case is usable."""
     problems = []
-    if case.stray_files:
+    if getattr(case, "stray_files", None):
         # BraTS 2020 ships case 355 with a misnamed segmentation; silently treating such a case
         # as unlabeled would move a labeled case into the pseudo-labelling pool.
         problems.append(
             f"unrecognised NIfTI file(s) {', '.join(case.stray_files)} in the case folder "
             "(rename to the layout's naming or remove)"
         )
+    return problems + check_files({role: (root / rel, rel) for role, rel in file_roles(case, layout).items()}, layout)
+
+
+def check_files(files: Mapping[str, tuple[Path, str]], layout: Layout) -> list[str]:
+    """All problems of one case's files ``{role: (path, name to report)}``; roles are modality names,
+    ``image`` (an MSD 4-D file) and ``seg`` / ``label``."""
+    problems = []
     headers = {}
-    for role, rel in file_roles(case, layout).items():
-        image, problem = _load_header(root / rel, role, rel)
+    for role, (path, rel) in files.items():
+        image, problem = _load_header(Path(path), role, rel)
         if problem:
             problems.append(problem)
         else:
@@ -235,3 +281,74 @@ def _label_problems(role: str, data: np.ndarray, layout: Layout) -> list[str]:
 def _fmt_label(value: float | int) -> str:
     """2.0 -> '2', 0.5 -> '0.5': whole numbers print as integers."""
     return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the guard of the bundles' entry points
+
+
+class CaseGuard:
+    """Check the cases of an inference, evaluation or pseudo-labelling run before any is loaded.
+
+    ``cases`` are the entries the run's dataset would get: ``{"case_id", "image": [files]}``
+    (inference) or ``{"case_id", <modality>: file, ..., "label": file}`` (evaluation). A bad case
+    (missing, truncated or corrupt file, NaN/inf, shape or affine mismatch, unknown label values) is
+    logged in ONE line naming the case and its problems and left out; :meth:`finish`, the run's last
+    step, then ends the run non-zero with a summary, without a traceback (``SystemExit``).
+    ``label_map``: the datalist's, whose ``orig`` values (plus 0) are the valid label values.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Mapping[str, Any]],
+        modalities: Sequence[str] = MODALITIES,
+        channel_index: Mapping[str, int] | None = None,
+        label_map: Mapping[str, Sequence[int]] | None = None,
+        label_key: str = "label",
+        what: str = "inference",
+    ) -> None:
+        self.cases = list(cases)
+        self.modalities = list(modalities)
+        self.channel_index = dict(channel_index or {})
+        self.label_values = frozenset({0, *(label_map or {"orig": [1, 2, 4]})["orig"]})
+        self.label_key = label_key
+        self.what = what
+        self.skipped: dict[str, str] = {}
+        self._usable: list[Mapping[str, Any]] | None = None
+
+    def _files(self, case: Mapping[str, Any]) -> tuple[dict[str, tuple[Path, str]], bool]:
+        """``({role: (path, file name)}, multichannel)`` of one entry."""
+        if "image" in case:
+            images = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
+        else:
+            images = [case[m] for m in self.modalities if m in case]
+        multichannel = one_file_per_case(self.channel_index) and len(set(map(str, images))) == 1
+        roles = {"image": images[0]} if multichannel else dict(zip(self.modalities, images))
+        if case.get(self.label_key):
+            roles["label" if multichannel else "seg"] = case[self.label_key]
+        return {role: (Path(f), os.path.basename(str(f))) for role, f in roles.items()}, multichannel
+
+    def usable(self) -> list[Mapping[str, Any]]:
+        """The cases that pass every check (computed once); each bad one is logged in one line."""
+        if self._usable is None:
+            self._usable = []
+            for index, case in enumerate(self.cases):
+                case_id = str(case.get("case_id", f"case {index}"))
+                files, multichannel = self._files(case)
+                layout = CaseFormat(label_values=self.label_values, channel_index=self.channel_index, multichannel=multichannel)
+                problems = check_files(files, layout)
+                if problems:
+                    self.skipped[case_id] = "; ".join(problems)
+                    logger.error(f"{case_id}: skipped: {self.skipped[case_id]}")
+                else:
+                    self._usable.append(case)
+        return self._usable
+
+    def finish(self) -> None:
+        """End the run: nothing when every case was usable; otherwise exit status 1 with a summary."""
+        self.usable()
+        if self.skipped:
+            raise SystemExit(
+                f"{self.what}: {len(self.skipped)} of {len(self.cases)} case(s) skipped because their input is "
+                f"unusable ({', '.join(self.skipped)}); the other {len(self.cases) - len(self.skipped)} were processed."
+            )

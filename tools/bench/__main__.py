@@ -1,0 +1,21 @@
+"""``python -m tools.bench <kd-overhead|loader|inference> ...``: see :mod:`tools.bench`."""
+
+import json
+
+import fire
+
+from tools.bench.inference import inference
+from tools.bench.kd_overhead import kd_overhead
+from tools.bench.loader import loader
+
+
+def main() -> None:
+    fire.Fire(
+        {"kd-overhead": kd_overhead, "loader": loader, "inference": inference},
+        name="python -m tools.bench",
+        serialize=lambda result: json.dumps(result, indent=2),
+    )
+
+
+if __name__ == "__main__":
+    main()
