@@ -12,10 +12,7 @@ from monai.bundle import ConfigParser
 from monai.networks.blocks.segresnet_block import ResBlock
 from monai.networks.nets import BasicUNet, SegResNet
 
-
 import brats_kd.networks.cascade as cascade
-
-
 
 MEMBER_CONFIGS = {
     "unet": {

@@ -6,7 +6,6 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-
 import brats_kd.losses as losses
 
 

@@ -110,7 +110,9 @@ def test_data_folder_and_input_datalist_are_byte_identical_after_all_runs(sessio
     assert hashlib.sha256(Path(datalist).read_bytes()).hexdigest() == session["datalist_before"]
 
 
-def test_output_guard_refuses_a_subfolder_or_parent_of_the_data_and_the_input_datalist(session, datalist, datalist_json, phantom_dataset):
+def test_output_guard_refuses_a_subfolder_or_parent_of_the_data_and_the_input_datalist(
+    session, datalist, datalist_json, phantom_dataset
+):
     from brats_kd.pseudo_label import check_output_paths
 
     work = session["work"]
@@ -221,7 +223,10 @@ def test_invalid_existing_output_is_redone_and_combined_datalist_is_idempotent(s
     out = tmp_path / "copy"
     shutil.copytree(session["work"] / "hard", out)
     cases = [
-        {"case_id": c["case_id"], "image": [str(Path(datalist_json["dataset_dir"]) / c[m]) for m in ("t1", "t1ce", "t2", "flair")]}
+        {
+            "case_id": c["case_id"],
+            "image": [str(Path(datalist_json["dataset_dir"]) / c[m]) for m in ("t1", "t1ce", "t2", "flair")],
+        }
         for c in unlabeled(datalist_json)
     ]
     assert pending_cases(cases, str(out)) == []
