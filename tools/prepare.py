@@ -2,7 +2,7 @@
 
     python -m tools.prepare --data DIR --out DATALIST.json --folds 5 --seed 0 [--layout auto]
 
-Stages: detect the layout (``tools.layouts``), validate every case (``tools.validation``),
+Stages: detect the layout (``tools.layouts``), validate every case (``brats_kd.validation``, the checks the bundles also run),
 assign cross-validation folds, write a decathlon-style datalist atomically. If any case has a
 problem, every problem is reported (one line per case on stderr) and nothing is written.
 
