@@ -17,6 +17,7 @@ from pathlib import Path
 import fire
 
 from brats_kd.io import write_json_atomic, write_text_atomic
+from tools.paired_tests import PAIRS, difference_line, paired_tests, paired_tests_table
 
 REGIONS = ("et", "tc", "wt")  # the papers' column order
 METRICS = tuple(f"dice_{r}" for r in REGIONS) + tuple(f"hd95_{r}" for r in REGIONS)
@@ -113,8 +114,9 @@ def _cell(stats: dict[str, float], digits: int) -> str:
 def markdown_table(rows, agg: dict, first_columns: tuple[str, ...]) -> str:
     """Rows ``(model, *first column values)``; Dice (0–1) and HD95 (mm) columns as mean ± std over folds,
     then the number of folds behind the row (rows of one table may come from different ``--run_folds``)."""
-    header = (list(first_columns) + [f"Dice {r.upper()}" for r in REGIONS] + [f"HD95 {r.upper()} (mm)" for r in REGIONS]
-              + ["Folds"])
+    header = (
+        list(first_columns) + [f"Dice {r.upper()}" for r in REGIONS] + [f"HD95 {r.upper()} (mm)" for r in REGIONS] + ["Folds"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, *labels in rows:
         if model not in agg:
@@ -148,7 +150,10 @@ def write_report(out: str | Path) -> Path:
         raise FileNotFoundError(f"no evaluated model under {out} (expected fold<k>/<model>/evaluate/summary.json)")
     agg = aggregate(results)
     folds = {m: sorted(r) for m, r in results.items()}
-    write_json_atomic(out / "summary.json", {"aggregate": agg, "folds": folds, "experiment": experiment})
+    # every other KD student (ablation rows, loss variants) against the baseline too
+    pairs = PAIRS + tuple((m, "baseline") for m in sorted(results) if m.startswith("student_"))
+    tests = paired_tests(results, pairs)
+    write_json_atomic(out / "summary.json", {"aggregate": agg, "folds": folds, "paired_tests": tests, "experiment": experiment})
     write_per_case_csv(results, out / "per_case.csv")
 
     sections = [f"# {experiment.get('experiment', 'brats-kd')} experiment report", ""]
@@ -168,7 +173,23 @@ def write_report(out: str | Path) -> Path:
         "",
     ]
     if any(m in agg for m, _ in TABLE1):
-        sections += ["## KD-Net Table 1: teacher, baseline and student", "", markdown_table(TABLE1, agg, ("Model",)), ""]
+        known = {m for m, *_ in TABLE2}
+        extra = [m for m in sorted(agg) if m.startswith("student_") and m not in known]
+        variants = tuple((m, f"KD student, variant `{m[len('student_') :]}`") for m in extra)
+        table = markdown_table(TABLE1 + variants, agg, ("Model",))
+        sections += ["## KD-Net Table 1: teacher, baseline and student", "", table, ""]
+        line = difference_line(agg, "student", "baseline")
+        sections += [f"- {line}", ""] if line else []
+    if tests:
+        sections += [
+            "## Paired tests",
+            "",
+            "Per-case Dice of each pair over all test folds (the same cases), two-sided Wilcoxon signed-rank test;"
+            " a small p with a positive difference favours the first model.",
+            "",
+            paired_tests_table(tests),
+            "",
+        ]
     if any(m in agg for m, *_ in TABLE2[2:4] + TABLE2[5:]):
         sections += [
             "## KD-Net Table 2: loss-term ablation, 4 and 0 skip connections",
