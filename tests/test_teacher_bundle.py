@@ -266,6 +266,37 @@ def test_evaluate_writes_per_case_metrics_summary_and_label_maps(trained_teacher
             assert_label_map_like(predictions / f"{entry['case_id']}.nii.gz", dataset_dir / entry["label"])
 
 
+def dice_of_region(pred: np.ndarray, ref: np.ndarray, labels: tuple[int, ...]) -> float:
+    """Dice of a BraTS region (the label values it unites), with the BraTS rule: both empty = 1."""
+    p, r = np.isin(pred, labels), np.isin(ref, labels)
+    if not p.any() and not r.any():
+        return 1.0
+    return 2.0 * float((p & r).sum()) / float(p.sum() + r.sum())
+
+
+REGION_LABELS = {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}
+
+
+@pytest.mark.parametrize("et_min_voxels", [0, 10**9])
+def test_metrics_are_computed_from_the_saved_label_map(trained_teacher_run, datalist_json, tmp_path, et_min_voxels):
+    """Every Dice in the table is the Dice of the label map written to disk (nested regions, after the ET
+    post-processing), not of the raw thresholded channels; a threshold no ET reaches leaves no label 4."""
+    out = tmp_path / "eval"
+    overrides = dict(trained_teacher_run.overrides, ckpt_dir=str(trained_teacher_run.ckpt_dir), output_dir=str(out))
+    overrides.pop("epochs")
+    run_bundle("teacher", ["train.json", "evaluate.json"], cwd=tmp_path, et_min_voxels=et_min_voxels, **overrides)
+    dataset_dir = Path(datalist_json["dataset_dir"])
+    for region, labels in REGION_LABELS.items():
+        table = read_raw_csv(out / f"dice_{region}_raw.csv")
+        for entry in (e for e in datalist_json["training"] if e["fold"] == 0):
+            saved = np.asanyarray(nib.load(str(out / "predictions" / f"{entry['case_id']}.nii.gz")).dataobj)
+            if et_min_voxels:
+                assert not (saved == 4).any(), f"{entry['case_id']}: ET left under et_min_voxels={et_min_voxels}"
+            ref = np.asanyarray(nib.load(str(dataset_dir / entry["label"])).dataobj)
+            expected = dice_of_region(saved, ref, labels)
+            assert table[entry["case_id"]]["class0"] == pytest.approx(expected, abs=1e-5), (region, entry["case_id"])
+
+
 @pytest.mark.slow
 def test_inference_segments_the_datalists_unlabeled_cases_and_an_input_folder(
     trained_teacher_run, datalist_json, datalist, phantom_dataset, tmp_path
