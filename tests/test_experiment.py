@@ -20,9 +20,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def kdnet_smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kdnet") / "run"
-    result = run_experiment("kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(out))
+    # a threshold no prediction reaches: the post-processed evaluation must hold no ET at all
+    result = run_experiment(
+        "kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(out), "--et_min_voxels", str(ET_MIN_VOXELS)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+ET_MIN_VOXELS = 10**9
 
 
 def test_kdnet_report_has_table1_rows_with_dice_in_unit_interval(kdnet_smoke):
@@ -54,8 +60,9 @@ def test_kdnet_report_records_provenance_and_stage_times(kdnet_smoke):
     assert experiment["seed"] == 0 and experiment["folds"] == 2 and experiment["preset"]["name"] == "smoke"
     assert experiment["environment"]["monai"] in report and experiment["environment"]["git_commit"] in report
     stages = json.loads((kdnet_smoke / "stages.json").read_text())
-    # 2 folds x 3 models x (train, evaluate), each with its wall time and its merged config on disk
-    assert len(stages) == 12 and all(s["seconds"] > 0 for s in stages.values())
+    # 2 folds x 3 models x (train, evaluate, evaluate with ET post-processing), each with its wall time and
+    # its merged config on disk
+    assert len(stages) == 18 and all(s["seconds"] > 0 for s in stages.values())
     for name in stages:
         assert json.loads((kdnet_smoke / name / "config.json").read_text())["seed"] == 0
 
@@ -77,6 +84,36 @@ def test_kdnet_per_case_csv_and_summary(kdnet_smoke):
     # the table's cell is the mean over folds of the per-fold means
     assert teacher_wt["folds"] == 2
     assert teacher_wt["mean"] == pytest.approx(sum(fold_means) / 2, abs=1e-6)
+
+
+def test_et_postprocessing_is_evaluated_and_reported_both_ways(kdnet_smoke):
+    import nibabel as nib
+    import numpy as np
+
+    name = f"evaluate_et{ET_MIN_VOXELS}"
+    datalist = json.loads((kdnet_smoke / "datalist.json").read_text())
+    has_et = {}
+    for entry in datalist["training"]:
+        label = np.asanyarray(nib.load(str(Path(datalist["dataset_dir"]) / entry["label"])).dataobj)
+        has_et[entry["case_id"]] = bool((label == 4).any())
+    for model in ("teacher", "baseline", "student"):
+        for fold in (0, 1):
+            folder = kdnet_smoke / f"fold{fold}" / model / name
+            for prediction in (folder / "predictions").glob("*.nii.gz"):
+                assert not (np.asanyarray(nib.load(str(prediction)).dataobj) == 4).any(), prediction
+            with (folder / "dice_et_raw.csv").open() as f:
+                for row in csv.DictReader(f):  # no ET predicted: BraTS Dice 1 without reference ET, else 0
+                    assert float(row["class0"]) == (0.0 if has_et[row["filename"]] else 1.0), (model, row)
+    report = (kdnet_smoke / "report.md").read_text()
+    heading = f"## With ET post-processing: predicted ET under {ET_MIN_VOXELS} BraTS voxels"
+    post = table_rows(report, heading)
+    summary = json.loads((kdnet_smoke / "summary.json").read_text())["postprocessed"][name]["aggregate"]
+    rows = {"Baseline (T1ce)": "baseline", "Teacher (4 modalities)": "teacher", "KD-Net student (T1ce)": "student"}
+    for label, model in rows.items():
+        cells = post[label]
+        for column, region in enumerate(("et", "tc", "wt")):
+            stats = summary[model][f"dice_{region}"]
+            assert cells[column] == f"{stats['mean']:.3f} ± {stats['std']:.3f}", (label, region)
 
 
 def test_kdnet_figures_are_real_images(kdnet_smoke):

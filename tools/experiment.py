@@ -107,6 +107,22 @@ def model_stages(
     return [train, evaluate]
 
 
+def postprocessed_evaluation(evaluate: Stage, et_min_voxels: int) -> Stage:
+    """A second evaluation of the same checkpoint with the BraTS ET post-processing, in ``evaluate_et<N>``:
+    the report shows each table both ways, from the same trainings."""
+    name = f"evaluate_et{et_min_voxels}"
+    folder = evaluate.folder.parent / name
+    return Stage(
+        name=evaluate.name.rsplit("/", 1)[0] + f"/{name}",
+        bundle=evaluate.bundle,
+        configs=list(evaluate.configs),
+        overrides={**evaluate.overrides, "et_min_voxels": et_min_voxels, "output_dir": str(folder)},
+        folder=folder,
+        kind="evaluate",
+        done_file=folder / "summary.json",
+    )
+
+
 def teacher_cache_stage(model: Model, out: Path, fold: int, datalist: Path, preset: Preset, seed: int, extra: dict) -> Stage:
     """``teacher_mode: cached``: the stage storing the targets of KD student ``model``'s teacher in
     ``extra["teacher_cache_dir"]``, with the student training's own settings; run before that training."""
@@ -255,6 +271,7 @@ def kdnet(
     ablation: bool = False,
     teacher_mode: str = "online",
     run_folds=None,
+    et_min_voxels: int = 0,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
@@ -267,9 +284,13 @@ def kdnet(
         ablation: also train the Table 2 variants (GT+KL, GT+KD; 0 skip connections).
         teacher_mode: ``online`` (teacher run on every batch) or ``cached`` (precomputed targets).
         run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
+        et_min_voxels: also evaluate every model with predicted ET under this many BraTS (1 mm³) voxels
+            turned into necrosis, the same value for every model; the report then has each table both ways.
     """
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
+    if isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, int) or et_min_voxels < 0:
+        raise ValueError(f"--et_min_voxels must be a whole number >= 0 (0 = off), got {et_min_voxels!r}")
     root, chosen, num_folds, fold_list = _start(
         "kdnet",
         data,
@@ -278,7 +299,7 @@ def kdnet(
         folds,
         seed,
         run_folds,
-        {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds},
+        {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
@@ -292,7 +313,8 @@ def kdnet(
                 extra["teacher_cache_dir"] = str(model_dir(root, fold, model.teacher) / "teacher_cache")
                 cache = teacher_cache_stage(model, root, fold, datalist, chosen, seed, extra)
                 stages += [cache] if cache.name not in {s.name for s in stages} else []
-            stages += model_stages(model, root, fold, datalist, chosen, seed, extra)
+            train, evaluate = model_stages(model, root, fold, datalist, chosen, seed, extra)
+            stages += [train, evaluate] + ([postprocessed_evaluation(evaluate, et_min_voxels)] if et_min_voxels else [])
     run_stages(stages, root)
     from tools.report import write_report
 

@@ -64,15 +64,21 @@ def read_case_metrics(evaluate_dir: Path) -> dict[str, dict[str, float]]:
     return cases
 
 
-def collect(out: Path) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
-    """``{model: {fold: {case_id: {metric: value}}}}`` for every evaluated model."""
+def collect(out: Path, evaluation: str = "evaluate") -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """``{model: {fold: {case_id: {metric: value}}}}`` for every model evaluated in ``<model>/<evaluation>``."""
     results: dict[str, dict[int, dict]] = {}
     for fold_dir in fold_dirs(out):
         fold = int(fold_dir.name[4:])
-        for evaluate_dir in sorted(fold_dir.glob("*/evaluate")):
+        for evaluate_dir in sorted(fold_dir.glob(f"*/{evaluation}")):
             if (evaluate_dir / "summary.json").exists():
                 results.setdefault(evaluate_dir.parent.name, {})[fold] = read_case_metrics(evaluate_dir)
     return results
+
+
+def postprocessed_evaluations(out: Path) -> list[str]:
+    """Names of the extra evaluations with ET post-processing (``evaluate_et<N>``) present under ``out``."""
+    names = {p.name for fold_dir in fold_dirs(out) for p in fold_dir.glob("*/evaluate_et*") if p.is_dir()}
+    return sorted(names, key=lambda name: int(name[len("evaluate_et") :]) if name[len("evaluate_et") :].isdigit() else 0)
 
 
 def fold_means(per_fold: dict[int, dict[str, dict[str, float]]], metric: str) -> list[float]:
@@ -153,7 +159,12 @@ def write_report(out: str | Path) -> Path:
     # every other KD student (ablation rows, loss variants) against the baseline too
     pairs = PAIRS + tuple((m, "baseline") for m in sorted(results) if m.startswith("student_"))
     tests = paired_tests(results, pairs)
-    write_json_atomic(out / "summary.json", {"aggregate": agg, "folds": folds, "paired_tests": tests, "experiment": experiment})
+    postprocessed = {name: collect(out, name) for name in postprocessed_evaluations(out)}
+    postprocessed_agg = {name: aggregate(r) for name, r in postprocessed.items() if r}
+    postprocessed_tests = {name: paired_tests(r, pairs) for name, r in postprocessed.items() if r}
+    summary = {"aggregate": agg, "folds": folds, "paired_tests": tests, "experiment": experiment}
+    summary["postprocessed"] = {n: {"aggregate": a, "paired_tests": postprocessed_tests[n]} for n, a in postprocessed_agg.items()}
+    write_json_atomic(out / "summary.json", summary)
     write_per_case_csv(results, out / "per_case.csv")
 
     sections = [f"# {experiment.get('experiment', 'brats-kd')} experiment report", ""]
@@ -204,6 +215,22 @@ def write_report(out: str | Path) -> Path:
             markdown_table(OMNI_TABLE, agg, ("Method",)),
             "",
         ]
+
+    for name, post_agg in postprocessed_agg.items():
+        threshold = name[len("evaluate_et") :]
+        sections += [
+            f"## With ET post-processing: predicted ET under {threshold} BraTS voxels (mm³) becomes necrosis",
+            "",
+            "The same checkpoints as above, evaluated again with `et_min_voxels` = "
+            f"{threshold} for every model (`<model>/{name}`).",
+            "",
+            markdown_table(TABLE1 + TABLE2[2:4] + TABLE2[5:] + OMNI_TABLE, post_agg, ("Model",)),
+            "",
+        ]
+        line = difference_line(post_agg, "student", "baseline")
+        sections += [f"- {line}", ""] if line else []
+        if postprocessed_tests[name]:
+            sections += [paired_tests_table(postprocessed_tests[name]), ""]
 
     pictures = figures.draw_all(out, results, agg)
     if pictures:
