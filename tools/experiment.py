@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from brats_kd.io import write_json_atomic
 from tools.prepare import DatasetError, UsageError
 from tools.presets import Preset, get_preset
+from tools.run_lock import FolderBusy, acquire_folder
 from tools.stages import ROOT, Stage, StageFailed, check_overrides, defined_settings, run_stage
 
 
@@ -244,7 +245,9 @@ def _start(
         raise ValueError(f"--folds must be at least 2, got {num_folds}")
     fold_list = folds_to_run(num_folds, run_folds)
     root = Path(out).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    previous = acquire_folder(root)  # before anything is written: one runner per folder
+    if previous:
+        print(f"taking over {root} from a runner that is gone ({previous})", file=sys.stderr)
     write_json_atomic(
         root / "experiment.json",
         {
@@ -445,7 +448,7 @@ def omni(
 def main() -> None:
     try:
         fire.Fire({"kdnet": kdnet, "omni": omni}, name="python -m tools.experiment")
-    except StageFailed as err:
+    except (StageFailed, FolderBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except DatasetError as err:
