@@ -149,7 +149,8 @@ def server(monailabel_python, tmp_path_factory):
     shutil.copytree(sample_app, app)
     for name in STUDENTS:
         # the zip tools.package makes, brats_kd vendored inside: .venv-monailabel does not have brats_kd installed
-        zip_path = build(BUNDLES / name, work / "dist" / f"{name}.zip")
+        zip_path = work / "dist" / f"{name}.zip"
+        build(BUNDLES / name, zip_path)  # returns the zip's member names
         zipfile.ZipFile(zip_path).extractall(app / "model")
         bundle = app / "model" / name
         assert (bundle / "brats_kd" / "__init__.py").is_file()
