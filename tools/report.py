@@ -216,6 +216,8 @@ def write_report(out: str | Path) -> Path:
             "",
         ]
 
+    # Table 2's rows with their columns folded into one label, for the one-label-column tables below
+    ablation_rows = tuple((m, f"{label} {loss}, {skips} skip connections") for m, skips, label, loss in TABLE2[2:4] + TABLE2[5:])
     for name, post_agg in postprocessed_agg.items():
         threshold = name[len("evaluate_et") :]
         sections += [
@@ -224,7 +226,7 @@ def write_report(out: str | Path) -> Path:
             "The same checkpoints as above, evaluated again with `et_min_voxels` = "
             f"{threshold} for every model (`<model>/{name}`).",
             "",
-            markdown_table(TABLE1 + TABLE2[2:4] + TABLE2[5:] + OMNI_TABLE, post_agg, ("Model",)),
+            markdown_table(TABLE1 + ablation_rows + OMNI_TABLE, post_agg, ("Model",)),
             "",
         ]
         line = difference_line(post_agg, "student", "baseline")
