@@ -42,6 +42,19 @@ def test_kdnet_report_has_table1_rows_with_dice_in_unit_interval(kdnet_smoke):
         assert cells[6] == "2", "the Folds column"
 
 
+def test_every_table1_cell_is_its_summary_value(kdnet_smoke):
+    """Each cell of Table 1 is the aggregate of its own model and metric: swapped rows or columns fail."""
+    rows = table_rows((kdnet_smoke / "report.md").read_text(), "## KD-Net Table 1")
+    aggregate = json.loads((kdnet_smoke / "summary.json").read_text())["aggregate"]
+    labels = {"Baseline (T1ce)": "baseline", "Teacher (4 modalities)": "teacher", "KD-Net student (T1ce)": "student"}
+    columns = ["dice_et", "dice_tc", "dice_wt", "hd95_et", "hd95_tc", "hd95_wt"]
+    for label, model in labels.items():
+        for column, metric in enumerate(columns):
+            stats = aggregate[model][metric]
+            digits = 3 if metric.startswith("dice") else 1
+            assert rows[label][column] == f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}", (label, metric)
+
+
 @pytest.mark.parametrize("model", ["teacher", "baseline", "student"])
 def test_progress_counts_the_epochs_of_every_training_stage(kdnet_smoke, model):
     """The runner's epoch bar follows each stage's log; the student logs as KDTrainer, not SupervisedTrainer
