@@ -17,9 +17,8 @@ from pathlib import Path
 import fire
 
 from brats_kd.io import write_json_atomic, write_text_atomic
-from tools.paired_tests import PAIRS, difference_line, paired_tests, paired_tests_table
+from tools.paired_tests import PAIRS, REGIONS, difference_line, paired_tests, paired_tests_table
 
-REGIONS = ("et", "tc", "wt")  # the papers' column order
 METRICS = tuple(f"dice_{r}" for r in REGIONS) + tuple(f"hd95_{r}" for r in REGIONS)
 
 # Table rows: (model folder name, label, skip connections, loss) in the papers' order.
