@@ -12,11 +12,13 @@ outputs are complete and resumes an interrupted training from its last epoch.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from brats_kd.io import write_json_atomic
 from tools.prepare import DatasetError, UsageError
 from tools.presets import Preset, get_preset
 from tools.run_lock import FolderBusy, acquire_folder
-from tools.stages import ROOT, Stage, StageFailed, check_overrides, defined_settings, run_stage
+from tools.stages import ROOT, Stage, StageFailed, check_overrides, defined_settings, run_stage, stop_running_stages
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,10 @@ def model_stages(
         "resume": True,
         **model.overrides,  # last: a model may train on another datalist or keep its weights elsewhere
     }
+    needs: tuple[str, ...] = ()
     if model.teacher is not None:
         overrides["teacher_ckpt"] = str(model_dir(out, fold, model.teacher) / "models" / "model.pt")
+        needs = (f"fold{fold}/{model.teacher}/train",)
     train = Stage(
         name=f"fold{fold}/{model.name}/train",
         bundle=model.bundle,
@@ -95,6 +99,7 @@ def model_stages(
         folder=folder / "train",
         kind="train",
         epochs=int(overrides["epochs"]),
+        needs=needs,
     )
     evaluate = Stage(
         name=f"fold{fold}/{model.name}/evaluate",
@@ -104,6 +109,7 @@ def model_stages(
         folder=folder / "evaluate",
         kind="evaluate",
         done_file=folder / "evaluate" / "summary.json",
+        needs=(train.name,),
     )
     return [train, evaluate]
 
@@ -121,6 +127,7 @@ def postprocessed_evaluation(evaluate: Stage, et_min_voxels: int) -> Stage:
         folder=folder,
         kind="evaluate",
         done_file=folder / "summary.json",
+        needs=evaluate.needs,
     )
 
 
@@ -137,6 +144,7 @@ def teacher_cache_stage(model: Model, out: Path, fold: int, datalist: Path, pres
         folder=cache_dir,
         kind="infer",
         done_file=cache_dir / "summary.json",  # written last by the cache step
+        needs=train.needs,
     )
 
 
@@ -189,38 +197,109 @@ def environment() -> dict:
     }
 
 
-def run_stages(stages: list[Stage], out: Path) -> dict:
-    """Run the unfinished stages in order with progress bars; record wall times in ``stages.json``."""
-    records_file = out / "stages.json"
+def default_jobs() -> int:
+    """Stages run side by side by default: 2 where there are at least 2 CPU cores, else 1.
+
+    Measured on 2 cores (docs/performance.md): two 1-thread trainings side by side finish sooner than
+    the same two one after the other with 2 threads each, because a small 3-D network does not keep
+    2 threads busy. On a GPU the stages share one device, so ``--jobs 1`` is the better choice there.
+    """
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def threads_per_job(jobs: int) -> int | None:
+    """CPU threads of each stage when ``jobs`` run at once: the cores split evenly; None (inherit) for 1 job.
+
+    A user's ``OMP_NUM_THREADS`` wins, so a run can be pinned to a thread count (results depend on it).
+    """
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def parallelism(jobs: int | None) -> dict:
+    """``--jobs`` (None: :func:`default_jobs`) and the threads each stage gets, as recorded in experiment.json."""
+    jobs = default_jobs() if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a whole number >= 1, got {jobs!r}")
+    return {"jobs": jobs, "threads_per_job": threads_per_job(jobs) or os.environ.get("OMP_NUM_THREADS", "inherited")}
+
+
+def check_dependencies(stages: list[Stage]) -> None:
+    """Every stage a stage needs must come earlier in ``stages`` (so the order is a valid schedule)."""
+    seen: set[str] = set()
+    for stage in stages:
+        missing = [name for name in stage.needs if name not in seen]
+        if missing:
+            raise ValueError(f"stage {stage.name} needs {', '.join(missing)}, which is not planned before it")
+        seen.add(stage.name)
+
+
+def run_stages(stages: list[Stage], out: Path, jobs: int = 1) -> dict:
+    """Run the unfinished stages with progress bars, up to ``jobs`` at once; wall times go to ``stages.json``.
+
+    A stage starts when every stage it ``needs`` is done, in the order of ``stages`` (so with
+    ``jobs=1`` the order is exactly the list's). When a stage fails, the others still running are
+    stopped (their trainings resume on the next run) and :class:`StageFailed` is raised.
+    """
     import json
 
-    records = json.loads(records_file.read_text()) if records_file.exists() else {}
+    jobs = parallelism(jobs)["jobs"]
+    check_dependencies(stages)
     for stage in stages:  # every stage before the first one runs: a typo must not surface hours in
         check_overrides(stage)
-    with tqdm(total=len(stages), desc="stages", unit="stage", file=sys.stderr) as overall:
-        for stage in stages:
-            overall.set_postfix_str(stage.name)
-            if stage.is_done():
-                records.setdefault(stage.name, {})["status"] = "done"
+    records_file = out / "stages.json"
+    records = json.loads(records_file.read_text()) if records_file.exists() else {}
+    threads = threads_per_job(jobs)
+    pending, done, running = list(stages), set(), {}
+
+    def launch(pool: ThreadPoolExecutor, stage: Stage):
+        bar = (
+            tqdm(total=stage.epochs, desc=stage.name, unit="epoch", leave=False, file=sys.stderr)
+            if stage.kind == "train"
+            else None
+        )
+        on_epoch = (lambda n: bar.update(n - bar.n)) if bar is not None else None
+        running[pool.submit(run_stage, stage, on_epoch, threads)] = (stage, bar)
+
+    with tqdm(total=len(stages), desc="stages", unit="stage", file=sys.stderr) as overall, ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            ready = [s for s in pending if all(n in done for n in s.needs)]
+            while ready:
+                stage = ready.pop(0)
+                if stage.is_done():  # finished by an earlier run: skip it, and what needs it may be ready now
+                    pending.remove(stage)
+                    done.add(stage.name)
+                    records.setdefault(stage.name, {})["status"] = "done"
+                    overall.update()
+                    ready = [s for s in pending if all(n in done for n in s.needs)]
+                elif len(running) < jobs:
+                    pending.remove(stage)
+                    launch(pool, stage)
+            if not running:
+                if pending:  # every pending stage waits on a stage that can never finish
+                    raise StageFailed(f"stages {', '.join(s.name for s in pending)} cannot start: what they need did not run")
+                break
+            overall.set_postfix_str(", ".join(stage.name for stage, _ in running.values()))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage, bar = running.pop(future)
+                if bar is not None:
+                    bar.close()
+                try:
+                    seconds = future.result()
+                except BaseException:
+                    stop_running_stages()
+                    write_json_atomic(records_file, records)
+                    raise
+                done.add(stage.name)
+                records[stage.name] = {
+                    "status": "done",
+                    "seconds": round(seconds, 1),
+                    "finished": dt.datetime.now().isoformat(timespec="seconds"),
+                }
+                write_json_atomic(records_file, records)
                 overall.update()
-                continue
-            epochs = (
-                tqdm(total=stage.epochs, desc=stage.name, unit="epoch", leave=False, file=sys.stderr)
-                if stage.kind == "train"
-                else None
-            )
-            try:
-                seconds = run_stage(stage, on_epoch=(lambda n, bar=epochs: bar.update(n - bar.n)) if epochs else None)
-            finally:
-                if epochs is not None:
-                    epochs.close()
-            records[stage.name] = {
-                "status": "done",
-                "seconds": round(seconds, 1),
-                "finished": dt.datetime.now().isoformat(timespec="seconds"),
-            }
-            write_json_atomic(records_file, records)
-            overall.update()
     write_json_atomic(records_file, records)
     return records
 
@@ -275,6 +354,7 @@ def kdnet(
     teacher_mode: str = "online",
     run_folds=None,
     et_min_voxels: int = 0,
+    jobs: int | None = None,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
@@ -289,6 +369,9 @@ def kdnet(
         run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
         et_min_voxels: also evaluate every model with predicted ET under this many BraTS (1 mm³) voxels
             turned into necrosis, the same value for every model; the report then has each table both ways.
+        jobs: stages run side by side (teacher and baseline, a student as soon as its teacher is done),
+            each with the CPU cores split evenly; default 2 on a machine with 2 or more cores. Results
+            depend on the threads per stage, so compare runs made with the same ``--jobs``.
     """
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
@@ -302,7 +385,8 @@ def kdnet(
         folds,
         seed,
         run_folds,
-        {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels},
+        {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels,
+         **parallelism(jobs)},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
@@ -317,8 +401,10 @@ def kdnet(
                 cache = teacher_cache_stage(model, root, fold, datalist, chosen, seed, extra)
                 stages += [cache] if cache.name not in {s.name for s in stages} else []
             train, evaluate = model_stages(model, root, fold, datalist, chosen, seed, extra)
+            if model.teacher is not None and teacher_mode == "cached":
+                train.needs += (cache.name,)
             stages += [train, evaluate] + ([postprocessed_evaluation(evaluate, et_min_voxels)] if et_min_voxels else [])
-    run_stages(stages, root)
+    run_stages(stages, root, parallelism(jobs)["jobs"])
     from tools.report import write_report
 
     report = write_report(root)
@@ -362,6 +448,7 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
             extra=defined_settings("ensemble", list(configs), common),
             shared=False,
         )
+    member_trainings = tuple(f"fold{fold}/member_{member}/train" for member in MEMBERS)
     ensemble = fold_dir / "ensemble" / "evaluate"
     configs = [TRAIN, "configs/evaluate.json", "configs/evaluate_ensemble.json"]
     stages.append(
@@ -377,6 +464,7 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
             folder=ensemble,
             kind="evaluate",
             done_file=ensemble / "summary.json",
+            needs=member_trainings,
         )
     )
     pseudo_dir = fold_dir / "pseudo_labels"
@@ -396,10 +484,11 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
             folder=fold_dir / "pseudo_label",
             kind="pseudo",
             done_file=combined,
+            needs=member_trainings,
         )
     )
     student = defined_settings("omni_student", [TRAIN], common)
-    stages += model_stages(
+    omni_train, omni_evaluate = model_stages(
         Model("omni_student", "omni_student", (TRAIN,), overrides={"datalist": str(combined)}),
         root,
         fold,
@@ -409,6 +498,8 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
         extra=student,
         shared=False,
     )
+    omni_train.needs += (f"fold{fold}/pseudo_label",)  # it trains on the pseudo-labelled datalist
+    stages += [omni_train, omni_evaluate]
     stages += model_stages(
         Model("manual_student", "omni_student", (TRAIN,)), root, fold, datalist, preset, seed, extra=student, shared=False
     )
@@ -422,6 +513,7 @@ def omni(
     folds: int | None = None,
     seed: int = 0,
     run_folds=None,
+    jobs: int | None = None,
 ) -> str:
     """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
 
@@ -432,12 +524,14 @@ def omni(
         folds: cross-validation folds (default: the preset's).
         seed: seed of the phantom, the split, initialisation and augmentation.
         run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
+        jobs: stages run side by side, as for ``kdnet``.
     """
-    root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, {"run_folds": run_folds})
+    options = {"run_folds": run_folds, **parallelism(jobs)}
+    root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, options)
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
     stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed)]
-    run_stages(stages, root)
+    run_stages(stages, root, parallelism(jobs)["jobs"])
     from tools.report import write_report
 
     report = write_report(root)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,7 +40,8 @@ class Stage:
 
     ``kind`` is ``"train"`` (finished when ``<ckpt_dir>/checkpoint.pt`` holds ``epochs`` epochs),
     or ``"evaluate"`` / ``"infer"`` / ``"pseudo"`` (finished when ``done_file`` exists; bundles write
-    it atomically as their last act).
+    it atomically as their last act). ``needs`` names the stages whose outputs this one reads (a
+    student's teacher training, an evaluation's training); the runner starts it only after them.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Stage:
     kind: str
     done_file: Path | None = None
     epochs: int = 0
+    needs: tuple[str, ...] = ()
     seconds: float | None = field(default=None, compare=False)
 
     @property
@@ -149,11 +153,26 @@ def _die_with_parent():
     return preexec
 
 
-def run_stage(stage: Stage, on_epoch=None) -> float:
+# Bundle processes of the stages running now (several when the runner runs stages side by side), so
+# that a failing stage can stop the others at once instead of leaving them to run to their end.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_running_stages() -> None:
+    """SIGTERM every bundle process started by :func:`run_stage` that is still alive."""
+    with _RUNNING_LOCK:
+        for process in _RUNNING:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+
+def run_stage(stage: Stage, on_epoch=None, threads: int | None = None) -> float:
     """Run ``stage`` to completion and return its wall time in seconds.
 
     The merged config is saved as ``config.json`` and the output as ``log.txt`` in the stage's
-    folder. ``on_epoch(n)`` is called each time the trainer completes epoch ``n``.
+    folder. ``on_epoch(n)`` is called each time the trainer completes epoch ``n``. ``threads`` sets
+    the bundle's CPU threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``; None: inherit the environment).
     Raises ``StageFailed`` (with the end of the log) when the bundle exits non-zero, and
     :class:`UnknownOverride` before launching when an override names a key no config defines.
     """
@@ -171,6 +190,8 @@ def run_stage(stage: Stage, on_epoch=None) -> float:
         "--logging_file", str(bundle_dir / "configs" / "logging.conf"),
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.monotonic()
     tail: deque[str] = deque(maxlen=25)
     # Line-buffered: a killed runner's log still ends where the stage stopped.
@@ -180,13 +201,19 @@ def run_stage(stage: Stage, on_epoch=None) -> float:
             command, cwd=bundle_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=_die_with_parent(),
         )
-        for line in process.stdout:
-            log.write(line)
-            tail.append(line.rstrip())
-            match = EPOCH_DONE.search(line)
-            if match and on_epoch is not None:
-                on_epoch(int(match.group(1)))
-        code = process.wait()
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                tail.append(line.rstrip())
+                match = EPOCH_DONE.search(line)
+                if match and on_epoch is not None:
+                    on_epoch(int(match.group(1)))
+            code = process.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
     seconds = time.monotonic() - start
     if code != 0:
         raise StageFailed(
