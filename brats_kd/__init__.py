@@ -20,7 +20,7 @@ Submodules are imported on use (``import brats_kd.losses``), so importing the pa
 
 __version__ = "0.1.0"
 
-# The one submodule bundle configs use in `$` expressions (`$import brats_kd` in their imports); standard library only.
-from . import config  # noqa: E402
+# The submodules bundle configs use in `$` expressions (`$import brats_kd` in their imports); standard library only.
+from . import config, cropping  # noqa: E402
 
-__all__ = ["__version__", "config"]
+__all__ = ["__version__", "config", "cropping"]

@@ -167,12 +167,16 @@ def test_preprocessing_maps_each_layouts_labels_to_tc_wt_et(layout, tmp_path):
         regions = np.stack([(label == 1) | (label == 4), label > 0, label == 4]).astype(np.float32)
         # the phantom case must exercise every label, or a wrong mapping could go unnoticed
         assert all(np.any(label == v) for v in (1, 2, 4)), f"{case_id}: phantom case lacks a label"
-        expected = np.asarray(resample_label(regions))
+        images = np.stack([case.images[m] for m in MODALITIES])
+        # the brain's bounding box: non-zero in any modality
+        corners = np.argwhere(np.any(images != 0, axis=0))
+        brain = (slice(None),) + tuple(slice(lo, hi + 1) for lo, hi in zip(corners.min(0), corners.max(0)))
+        assert images[brain].shape[1:] != images.shape[1:], "the phantom's brain must not fill the volume"
+        expected = np.asarray(resample_label(regions[brain]))
         out = preprocessing(entries[case_id])
         np.testing.assert_array_equal(np.asarray(out["label"]), expected, err_msg=f"{layout} {case_id}: TC/WT/ET")
-        images = np.stack([case.images[m] for m in MODALITIES])
         np.testing.assert_allclose(
-            np.asarray(out["image"]), np.asarray(resample_image(images)), atol=1e-4,
+            np.asarray(out["image"]), np.asarray(resample_image(images[brain])), atol=1e-4,
             err_msg=f"{layout} {case_id}: image channels are not t1, t1ce, t2, flair",
         )
 

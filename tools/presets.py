@@ -60,8 +60,8 @@ PRESETS = {
         bundle={
             "epochs": 80,
             "val_interval": 1,
-            # The brain of a size-64 phantom spans about 40x48x36 voxels: crop to it, then resize.
-            "crop_size": [48, 52, 40],
+            # Every case is cropped to its brain's bounding box (any field of view), then resized;
+            # the bundles' crop_size (128³) only caps the box, as in KD-Net's central crop.
             "spatial_size": [32, 32, 32],
             "filters": [8, 16, 32, 64, 128],
             "batch_size": 2,
