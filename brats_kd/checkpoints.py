@@ -68,12 +68,18 @@ def _write_error(path: Path, err: BaseException) -> OSError:
 
 
 def _check_writable_folder(folder: str) -> None:
-    """Fail at start-up, not after the first epoch, when checkpoints cannot be written to ``folder``."""
-    if not os.path.isdir(folder):
+    """Fail at start-up, not after the first epoch, when checkpoints cannot be written to ``folder``.
+
+    The folder is created here, on every rank: Ignite's ``DiskSaver`` creates it on rank 0 only, so
+    under torchrun a rank > 0 that got here first found no folder and failed (1 run in 3 of an
+    ensemble member on 2 gloo processes).
+    """
+    if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(
             f"checkpoint folder '{folder}' is not a folder (a file of that name exists): set ckpt_dir to a folder."
         )
     try:
+        os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:

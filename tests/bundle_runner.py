@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,88 @@ def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group led by ``proc`` (started with ``start_new_session=True``): the command and
+    everything it started (torchrun's ranks, the runner's stages, DataLoader workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
+
+
+def run_command(
+    command: Sequence[str],
+    cwd: str | os.PathLike,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    merge_stderr: bool = True,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a process group of its own that is killed whole when the command ends,
+    times out or the test is interrupted.
+
+    ``subprocess.run(timeout=...)`` kills only the direct child: torchrun's ranks or a runner's
+    stages would keep loading the 2 cores and make the next tests time out too. On timeout this
+    raises ``subprocess.TimeoutExpired`` after the kill. With ``merge_stderr`` stderr goes into
+    ``stdout`` (the log keeps the order of events); otherwise it is captured separately.
+    """
+    proc = subprocess.Popen(
+        list(command),
+        cwd=str(cwd),
+        env=dict(env) if env is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)  # leftovers after a normal exit too
+        if proc.returncode is None:
+            proc.communicate()  # reap it after a timeout or an interruption
+    return subprocess.CompletedProcess(list(command), proc.returncode, out, err)
+
+
+def run_commands(jobs: Mapping[str, tuple], parallel: int = 4, timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
+    """Run commands ``parallel`` at a time, each in its own process group, one torch thread each.
+
+    ``jobs``: name → ``(command, cwd[, preexec_fn])``. Output (stdout and stderr merged) goes to
+    ``<cwd>/<name>.log``, so a slow job never blocks on a full pipe while another is waited for. A job
+    still running ``timeout`` seconds after the start is killed with its whole process group (and
+    shows ``-SIGKILL`` as its return code), and so is every job when the caller is interrupted.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    pending, running, results = list(jobs.items()), {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, (command, cwd, *preexec) = pending.pop(0)
+                log = (Path(cwd) / f"{name}.log").open("w+")
+                proc = subprocess.Popen(list(command), cwd=str(cwd), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=preexec[0] if preexec else None)
+                running[name] = (command, proc, log)
+            for name, (command, proc, log) in list(running.items()):
+                if proc.poll() is None and time.monotonic() > deadline:
+                    kill_group(proc)
+                    proc.wait()
+                if proc.poll() is not None:
+                    kill_group(proc)
+                    log.seek(0)
+                    results[name] = subprocess.CompletedProcess(list(command), proc.returncode, log.read())
+                    log.close()
+                    del running[name]
+            time.sleep(0.05)
+    finally:
+        for _command, proc, log in running.values():
+            kill_group(proc)
+            proc.wait()
+            log.close()
+    return results
+
+
 def run_bundle(
     bundle: str | os.PathLike,
     configs: str | Sequence[str],
@@ -80,19 +164,11 @@ def run_bundle(
     ``--key value`` (lists, dicts and bools JSON-encoded). stderr is merged into ``stdout``, so the
     log keeps the order of events. ``cwd`` should be a temporary folder: nothing is written into
     the checkout as long as the tests also point ``ckpt_dir`` / ``output_dir`` there.
-    With ``check`` (default) a non-zero exit raises :class:`BundleRunError` with the log's tail.
+    With ``check`` (default) a non-zero exit raises :class:`BundleRunError` with the log's tail; on
+    ``timeout`` the command and everything it started are killed (:func:`run_command`).
     """
     command = bundle_command(bundle, configs, **overrides)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        command,
-        cwd=str(cwd),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_command(command, cwd, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)
     if check and proc.returncode != 0:
         raise BundleRunError(
             f"bundle command failed with exit code {proc.returncode}:\n  {' '.join(command)}\n"

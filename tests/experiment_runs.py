@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 
-from tests.bundle_runner import ROOT
+from tests.bundle_runner import ROOT, run_command
 
 
 def run_experiment(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.experiment", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    """``python -m tools.experiment *args`` (stdout and stderr apart); on timeout the runner and its stages
+    are killed. One OpenMP thread whatever the caller's environment says: the same-seed tests compare
+    CSV files bit for bit, and CPU results depend on the thread count (a CI may export another)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return run_command([sys.executable, "-m", "tools.experiment", *args], ROOT, env=env, timeout=timeout, merge_stderr=False)
 
 
 def table_rows(report: str, heading: str) -> dict[str, list[str]]:

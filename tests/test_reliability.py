@@ -40,7 +40,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import ROOT, TINY, bundle_command, log_tail, run_bundle
+from tests.bundle_runner import (
+    ROOT,
+    TINY,
+    bundle_command,
+    bundle_config,
+    kill_group,
+    log_tail,
+    run_bundle,
+    run_command,
+    run_commands,
+)
+from tests.test_ensemble_bundle import ENSEMBLE, ENSEMBLE_TINY
 
 FAULTS = Path(__file__).resolve().parent / "reliability_faults"
 CHECKPOINTS = ("checkpoint.pt", "model.pt")
@@ -48,6 +59,8 @@ ITERATION_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ --")
 EPOCH_METRICS = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
 # temporary files of the atomic writers: ".<target name>.<random>.tmp"
 TEMP_FILE = re.compile(r"^\..+\.[^.]+\.tmp$")
+#: the ensemble member of the fault set: the one that trains with a VAE branch (a tuple output)
+MEMBER = "resunet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +90,11 @@ def best_score(checkpoint: dict) -> float:
     return float(checkpoint["best_model_saver"]["_saved"][0][0])
 
 
+def epoch_length(run) -> int:
+    """Iterations per epoch of a finished training (read from its checkpoint)."""
+    return int(load(run.ckpt_dir / "checkpoint.pt")["trainer"]["epoch_length"])
+
+
 def iteration_epochs(log: str) -> set[int]:
     return {int(m.group(1)) for m in ITERATION_LINE.finditer(log)}
 
@@ -91,11 +109,13 @@ def run_and_kill_when(command: list[str], cwd: Path, log_file: Path, condition: 
     ``condition(log so far, process)`` holds.
 
     Returns the log and the exit code (``-SIGKILL`` when it was killed, anything else when the
-    command ended first, which the caller must treat as a failed injection).
+    command ended first, which the caller must treat as a failed injection). The command runs in a
+    process group of its own, killed whole on timeout or when the test is interrupted.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1", **popen.pop("env", {}))
     with log_file.open("w") as out:
-        proc = subprocess.Popen(command, cwd=str(cwd), env=env, stdout=out, stderr=subprocess.STDOUT, **popen)
+        proc = subprocess.Popen(command, cwd=str(cwd), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, **popen)
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None and time.monotonic() < deadline:
@@ -103,40 +123,30 @@ def run_and_kill_when(command: list[str], cwd: Path, log_file: Path, condition: 
                     proc.kill()
                     break
                 time.sleep(0.01)
+        except BaseException:
+            kill_group(proc)
+            raise
         finally:
             if proc.poll() is None and time.monotonic() >= deadline:
-                proc.kill()
+                kill_group(proc)
             proc.wait()
     return log_file.read_text(), proc.returncode
 
 
 def run_jobs(jobs: dict[str, tuple], parallel: int = 4, timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
-    """Run bundle commands, ``parallel`` at a time, one torch thread each.
+    """Run bundle commands, ``parallel`` at a time, one torch thread each, each in its own process group
+    (killed whole on timeout: :func:`tests.bundle_runner.run_commands`).
 
     ``jobs``: name → ``(bundle, configs, cwd, overrides[, preexec_fn])``.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    pending, running, results = list(jobs.items()), {}, {}
-    deadline = time.monotonic() + timeout
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, (bundle, configs, cwd, overrides, *preexec) = pending.pop(0)
-            command = bundle_command(bundle, configs, **overrides)
-            log = (Path(cwd) / f"{name}.log").open("w+")
-            proc = subprocess.Popen(command, cwd=str(cwd), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=preexec[0] if preexec else None)
-            running[name] = (command, proc, log)
-        for name, (command, proc, log) in list(running.items()):
-            if proc.poll() is None and time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-            if proc.poll() is not None:
-                log.seek(0)
-                results[name] = subprocess.CompletedProcess(command, proc.returncode, log.read())
-                log.close()
-                del running[name]
-        time.sleep(0.05)
-    return results
+    return run_commands(
+        {
+            name: (bundle_command(bundle, configs, **overrides), cwd, *preexec)
+            for name, (bundle, configs, cwd, overrides, *preexec) in jobs.items()
+        },
+        parallel=parallel,
+        timeout=timeout,
+    )
 
 
 def assert_failed_before_training(result: subprocess.CompletedProcess, *messages: str) -> None:
@@ -203,19 +213,21 @@ class CheckpointWatcher(threading.Thread):
 
 
 @pytest.mark.slow
-def test_training_killed_mid_epoch_resumes_and_keeps_the_best_model(datalist, tmp_path):
-    """SIGKILL in the middle of epoch 2 of 3, then ``--resume true`` with the same epochs."""
+def test_training_killed_mid_epoch_resumes_and_keeps_the_best_model(datalist, trained_teacher_run, tmp_path):
+    """SIGKILL in the middle of epoch 2 of 3 (``reliability_faults/kill.json``: the process kills itself
+    during the forward of epoch 2's second step), then ``--resume true`` with the same epochs."""
     overrides = teacher_overrides(datalist, tmp_path, epochs=3, val_interval=1)
+    length = epoch_length(trained_teacher_run)  # the same fold and batch size
     ckpt = tmp_path / "models"
     watcher = CheckpointWatcher(ckpt)
     watcher.start()
     try:
-        killed_log, code = run_and_kill_when(
-            bundle_command("teacher", "train.json", **overrides), tmp_path, tmp_path / "killed.log",
-            lambda log, _proc: re.search(r"Epoch: 2/3, Iter: 1/", log) is not None,
-        )
+        killed = run_bundle("teacher", ["train.json", str(FAULTS / "kill.json")], cwd=tmp_path, check=False,
+                            **dict(overrides, kill_at=length + 2))
+        killed_log, code = killed.stdout, killed.returncode
         assert code == -signal.SIGKILL, f"the training ended (code {code}) before it could be killed:\n{log_tail(killed_log)}"
-        assert iteration_epochs(killed_log) == {1, 2}
+        assert iteration_epochs(killed_log) == {1, 2} and f"Epoch: 2/3, Iter: 1/{length}" in killed_log
+        assert f"Epoch: 2/3, Iter: 2/{length}" not in killed_log, "killed in the second step of epoch 2"
         after_kill = load(ckpt / "checkpoint.pt")
         assert trained_epochs(after_kill) == 1, "the checkpoint must be that of the last completed epoch"
         model_after_kill = sha256(ckpt / "model.pt")
@@ -320,7 +332,7 @@ def test_experiment_runner_killed_mid_training_resumes_it_and_skips_finished_sta
         return {str(p.relative_to(out)): len(re.findall(r"^\$ ", p.read_text(), re.M)) for p in out.rglob("log.txt")}
 
     before = attempts()
-    rerun = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
+    rerun = run_command(command, tmp_path, env=dict(os.environ, **env), timeout=900, merge_stderr=False)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     after = attempts()
     for stage in ("fold0/teacher/train/log.txt", "fold0/teacher/evaluate/log.txt"):
@@ -803,6 +815,150 @@ def test_a_numerical_fault_stops_the_run_and_leaves_the_checkpoints_byte_identic
 
 
 # ---------------------------------------------------------------------------------------------
+# 4b. the same faults for the KD student (KDTrainer, dict output, a frozen teacher) and an ensemble
+#     member (its checkpoints in models/<member>, VAE-regularised tuple output): kill and resume, NaN
+#     loss, NaN gradient, full disk, each from the epoch-1 checkpoints of the killed run
+
+
+OTHER_TRAINERS = ("kd_student", "member")
+
+
+def trainer_run(kind: str, datalist: Path, teacher_ckpt_dir: Path, work: Path) -> dict:
+    """Bundle, configs, overrides and checkpoint folder of a 2-epoch training of ``kind`` in ``work``."""
+    common = dict(datalist=str(datalist), output_dir=str(work / "runs"), epochs=2, val_interval=1, cache_rate=0.0)
+    if kind == "kd_student":
+        overrides = dict(TINY, **common, teacher_ckpt=str(teacher_ckpt_dir / "model.pt"), ckpt_dir=str(work / "models"))
+        return dict(bundle="kd_student", configs=["train.json"], overrides=overrides, ckpt=work / "models", work=work)
+    # the member's folder comes from models_dir + member, as in a user's run
+    overrides = dict(ENSEMBLE_TINY, **common, models_dir=str(work / "models"))
+    return dict(bundle=ENSEMBLE, configs=["train.json", f"member_{MEMBER}.json"], overrides=overrides,
+                ckpt=work / "models" / MEMBER, work=work)
+
+
+def inference_network(kind: str) -> torch.nn.Module:
+    """The network that evaluation and inference build for ``kind`` (what model.pt must load into)."""
+    if kind == "kd_student":
+        return bundle_config("kd_student", "inference.json", **TINY).get_parsed_content("network_def")
+    return bundle_config(ENSEMBLE, ["train.json", f"member_{MEMBER}.json"], **ENSEMBLE_TINY).get_parsed_content("network_def")
+
+
+@pytest.fixture(scope="module")
+def trainer_faults(datalist, trained_teacher_run, tmp_path_factory) -> dict:
+    """Phase 1: the KD student and the member train 2 epochs and kill themselves in the second step of
+    epoch 2 (``kill.json``); the member's checkpoint folder is also tried as a file. Phase 2, side by
+    side: each killed run resumed, and NaN loss, NaN gradient and a full disk, each on a copy of the
+    killed run's epoch-1 checkpoints, resuming into epoch 2."""
+    root = tmp_path_factory.mktemp("trainer_faults")
+    length = epoch_length(trained_teacher_run)  # same fold, batch size 2, one sample per case
+    runs = {kind: trainer_run(kind, datalist, trained_teacher_run.ckpt_dir, root / kind / "resume") for kind in OTHER_TRAINERS}
+    jobs = {}
+    for kind, run in runs.items():
+        run["work"].mkdir(parents=True)
+        jobs[f"{kind}_killed"] = (run["bundle"], run["configs"] + [str(FAULTS / "kill.json")], run["work"],
+                                  dict(run["overrides"], kill_at=length + 2))
+    blocked = trainer_run("member", datalist, trained_teacher_run.ckpt_dir, root / "member" / "ckpt_dir_is_a_file")
+    blocked["ckpt"].parent.mkdir(parents=True)
+    blocked["ckpt"].write_text("not a folder\n")
+    jobs["member_ckpt_dir_is_a_file"] = (blocked["bundle"], blocked["configs"], blocked["work"], blocked["overrides"])
+    results = run_jobs(jobs)
+
+    jobs, files_before, after_kill = {}, {}, {}
+    for kind, run in runs.items():
+        if results[f"{kind}_killed"].returncode != -signal.SIGKILL or not (run["ckpt"] / "checkpoint.pt").exists():
+            continue  # test_..._killed_mid_epoch reports it; there is nothing to resume from
+        after_kill[kind] = {"checkpoint": load(run["ckpt"] / "checkpoint.pt"), "model": sha256(run["ckpt"] / "model.pt"),
+                            "sizes": [p.stat().st_size for p in run["ckpt"].iterdir()]}
+        jobs[f"{kind}_resume"] = (run["bundle"], run["configs"], run["work"], dict(run["overrides"], resume=True))
+        # a file-size limit (EFBIG, as root too) under the size of every checkpoint file: TensorBoard's events fit
+        limit = min(after_kill[kind]["sizes"]) // 2
+        assert limit > 32 * 1024, f"{kind}: checkpoints too small for the full-disk fault: {after_kill[kind]['sizes']}"
+
+        def file_size_limit(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+        for fault, keys, extra in (
+            ("nan_loss", {"fault_after": 1}, [str(FAULTS / "nan_loss.json")]),  # NaN from epoch 2's second step
+            ("nan_gradient", {"fault_at": length}, [str(FAULTS / "nan_gradient.json")]),  # at epoch 2's last step
+            ("disk_full", {}, []),
+        ):
+            copy = trainer_run(kind, datalist, trained_teacher_run.ckpt_dir, root / kind / fault)
+            shutil.copytree(run["ckpt"], copy["ckpt"])
+            files_before[f"{kind}_{fault}"] = (copy["ckpt"], snapshot(copy["ckpt"]))
+            job = (copy["bundle"], copy["configs"] + extra, copy["work"], dict(copy["overrides"], resume=True, **keys))
+            jobs[f"{kind}_{fault}"] = job + ((file_size_limit,) if fault == "disk_full" else ())
+    results.update(run_jobs(jobs))
+    return {"results": results, "runs": runs, "blocked": blocked, "after_kill": after_kill, "files_before": files_before,
+            "epoch_length": length}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", OTHER_TRAINERS)
+def test_a_killed_training_resumes_from_its_last_epoch_and_keeps_the_best_model(trainer_faults, kind):
+    length, run = trainer_faults["epoch_length"], trainer_faults["runs"][kind]
+    killed = trainer_faults["results"][f"{kind}_killed"]
+    assert killed.returncode == -signal.SIGKILL, f"not killed (code {killed.returncode}):\n{log_tail(killed.stdout)}"
+    assert iteration_epochs(killed.stdout) == {1, 2} and f"Epoch: 2/2, Iter: 1/{length}" in killed.stdout
+    after_kill = trainer_faults["after_kill"][kind]
+    assert trained_epochs(after_kill["checkpoint"]) == 1, "the checkpoint must be that of the last completed epoch"
+
+    resumed = trainer_faults["results"][f"{kind}_resume"]
+    assert resumed.returncode == 0, log_tail(resumed.stdout)
+    ckpt = run["ckpt"]
+    assert f"Restored all variables from {ckpt / 'checkpoint.pt'}" in resumed.stdout
+    assert iteration_epochs(resumed.stdout) == {2}, "the resumed run must train only the epoch after the checkpoint"
+    final = load(ckpt / "checkpoint.pt")
+    assert trained_epochs(final) == 2 and final["trainer"]["max_epochs"] == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(CHECKPOINTS), "temporary files were left behind"
+    assert sorted(p.relative_to(run["work"]).as_posix() for p in run["work"].rglob("*.pt")) == sorted(
+        (ckpt / name).relative_to(run["work"]).as_posix() for name in CHECKPOINTS
+    ), "checkpoints outside the run's own folder"
+
+    scores = {int(e): float(s) for e, s in EPOCH_METRICS.findall(killed.stdout + resumed.stdout)}
+    assert sorted(scores) == [1, 2], scores
+    assert best_score(final) == pytest.approx(max(scores.values()), abs=1e-4)
+    if scores[2] < scores[1] - 1e-4:
+        assert sha256(ckpt / "model.pt") == after_kill["model"], "model.pt was replaced by a worse model"
+    elif scores[2] > scores[1] + 1e-4:
+        assert sha256(ckpt / "model.pt") != after_kill["model"], "a better epoch after the resume was not saved"
+    inference_network(kind).load_state_dict(load(ckpt / "model.pt")["model"], strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", OTHER_TRAINERS)
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("nan_loss", "training loss is nan at epoch 2, iteration {second_of_epoch_2}"),
+        ("nan_gradient", "became NaN or infinite at epoch 2, iteration {last_of_epoch_2} although the loss was finite"),
+        ("disk_full", r"could not write checkpoint '.*(model|checkpoint)\.pt': File too large\. The previous"),
+    ],
+)
+def test_a_fault_stops_the_training_and_leaves_its_checkpoints_byte_identical(trainer_faults, kind, fault, message):
+    length = trainer_faults["epoch_length"]
+    assert f"{kind}_{fault}" in trainer_faults["results"], "the killed run left nothing to start the fault from"
+    result = trainer_faults["results"][f"{kind}_{fault}"]
+    log = result.stdout
+    assert result.returncode not in (0, -signal.SIGKILL), f"the run must fail by itself:\n{log_tail(log)}"
+    message = message.format(second_of_epoch_2=length + 2, last_of_epoch_2=2 * length)
+    assert (re.search(message, log) if fault == "disk_full" else message in log), f"expected {message!r}:\n{log_tail(log)}"
+    if fault != "disk_full":
+        assert "the checkpoints on disk are those of the last completed epoch" in log and "Saved checkpoint" not in log
+    assert iteration_epochs(log) == {2}
+    ckpt, before = trainer_faults["files_before"][f"{kind}_{fault}"]
+    assert snapshot(ckpt) == before, "a checkpoint file changed or a file was added"
+
+
+@pytest.mark.slow
+def test_an_ensemble_member_folder_that_is_a_file_fails_before_the_first_epoch(trainer_faults):
+    """``models_dir/<member>`` is a file: the member's savers refuse it at start-up."""
+    result, blocked = trainer_faults["results"]["member_ckpt_dir_is_a_file"], trainer_faults["blocked"]
+    assert_failed_before_training(
+        result, f"checkpoint folder '{blocked['ckpt']}' is not a folder (a file of that name exists): set ckpt_dir to a folder"
+    )
+    assert blocked["ckpt"].read_text() == "not a folder\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. bad environment
 
 
@@ -832,20 +988,56 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_the_previous_checkpoints(fa
     _unchanged(faulty_runs, "disk_full")
 
 
-def test_a_read_only_checkpoint_folder_is_refused_at_start_up(tmp_path):
-    """A read-only file system (a tmpfs mounted read-only: root can write everywhere else)."""
+@pytest.mark.parametrize("error", [errno.EROFS, errno.EACCES])
+def test_a_read_only_checkpoint_folder_is_refused_at_start_up(tmp_path, monkeypatch, error):
+    """A read-only file system or a folder without write permission: every file opened for writing in the
+    folder fails with that error (injected at ``os.open`` and ``open``, whichever the saver uses), as the
+    kernel would; root may write almost anywhere, so a real read-only folder needs a mount this test avoids."""
+    import builtins
+
+    from brats_kd.checkpoints import AtomicCheckpointSaver
+
     folder = tmp_path / "ro"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        from brats_kd.checkpoints import AtomicCheckpointSaver
+    real_os_open, real_open = os.open, builtins.open
 
-        with pytest.raises(OSError, match=r"cannot write checkpoints to '.*ro': Read-only file system"):
-            AtomicCheckpointSaver(save_dir=str(folder), save_dict={"model": torch.nn.Linear(2, 2)}, save_interval=1)
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+    def inside(path) -> bool:
+        return isinstance(path, (str, os.PathLike)) and Path(os.fsdecode(path)).resolve().is_relative_to(folder)
+
+    def refused(path) -> OSError:
+        return OSError(error, os.strerror(error), os.fsdecode(path))
+
+    def os_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise refused(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if inside(file) and any(c in mode for c in "wax+"):
+            raise refused(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    with pytest.raises(OSError, match=rf"cannot write checkpoints to '.*ro': {re.escape(os.strerror(error))}") as raised:
+        AtomicCheckpointSaver(save_dir=str(folder), save_dict={"model": torch.nn.Linear(2, 2)}, save_interval=1)
+    assert raised.value.errno == error
+    monkeypatch.undo()
+    assert not list(folder.iterdir())
+
+
+def test_every_rank_creates_a_missing_checkpoint_folder(tmp_path, monkeypatch):
+    """Under torchrun Ignite's ``DiskSaver`` creates the folder on rank 0 only; a rank > 0 whose savers were
+    built first found no folder and failed with ``NotADirectoryError: ... (a file of that name exists)``
+    (an ensemble member on 2 gloo processes, 1 run in 3). Here the process is rank 1 and alone."""
+    import ignite.distributed as idist
+
+    from brats_kd.checkpoints import AtomicCheckpointSaver
+
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    folder = tmp_path / "models" / "resunet"
+    AtomicCheckpointSaver(save_dir=str(folder), save_dict={"model": torch.nn.Linear(2, 2)}, save_interval=1)
+    assert folder.is_dir() and not list(folder.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,7 +1048,7 @@ def test_a_read_only_checkpoint_folder_is_refused_at_start_up(tmp_path):
 def test_pseudo_labelling_killed_mid_way_resumes_without_redoing_a_case(datalist, datalist_json, tmp_path_factory, tmp_path):
     if not (ROOT / "bundles" / "ensemble" / "configs" / "pseudo_label.json").exists():
         pytest.skip("the ensemble bundle has no pseudo_label.json yet")
-    from tests.test_ensemble_bundle import ENSEMBLE, ENSEMBLE_TINY, trained_members
+    from tests.test_ensemble_bundle import trained_members
 
     out = tmp_path / "pseudo"
     overrides = dict(
