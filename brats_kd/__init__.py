@@ -10,7 +10,8 @@ One module per role:
 - :mod:`~brats_kd.validation`: the input guard on cases (missing/corrupt files, NaN, geometry, labels).
 - :mod:`~brats_kd.labels`, :mod:`~brats_kd.regions`: BraTS label maps and per-entry region conversion;
   :mod:`~brats_kd.metrics`: the BraTS HD95 rule and metric summaries.
-- :mod:`~brats_kd.networks`: ``EncoderDecoder``, ``CascadedUNet``.
+- :mod:`~brats_kd.networks`: ``EncoderDecoder``, ``CascadedUNet``, ``StridedUNet``; :mod:`~brats_kd.vae`: the residual
+  U-Net's VAE regulariser (training only).
 - :mod:`~brats_kd.losses`, :mod:`~brats_kd.bottleneck`, :mod:`~brats_kd.teacher`, :mod:`~brats_kd.trainer`,
   :mod:`~brats_kd.teacher_cache`: the KD-Net objective, frozen teacher and KD trainer.
 - :mod:`~brats_kd.ensemble`, :mod:`~brats_kd.pseudo_label`: the averaged ensemble and pseudo-labelling.

@@ -23,6 +23,7 @@ from tests.bundle_runner import BUNDLES, BundleRunError, bundle_command, bundle_
 
 ENSEMBLE = BUNDLES / "ensemble"
 MEMBERS = ("unet", "resunet", "cascade")
+PSEUDO = ["inference.json", "pseudo_label.json"]
 BRATS_LABELS = {0, 1, 2, 4}
 
 #: Tiny members: 32³ patches / sliding windows (one window per 32×32×21 phantom), few filters.
@@ -126,7 +127,11 @@ def test_member_overrides_build_the_papers_three_networks():
     norms = [m for m in unet.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
     assert norms and all(m.affine for m in norms)
     assert unet.upcat_4.upsample.upsample_non_trainable.mode == "trilinear"
-    # Myronenko's residual U-Net without the VAE branch: 1-2-2-4 blocks down, 1 up, group norm (8)
+    # Fig. 1: strided convolutions instead of max pooling
+    assert not [m for m in unet.modules() if isinstance(m, torch.nn.MaxPool3d)]
+    assert [getattr(unet, f"down_{k}").convs.conv_0.conv.stride for k in range(1, 5)] == [(2, 2, 2)] * 4
+    # Myronenko's residual U-Net as evaluated and deployed (the VAE branch is the training network's only):
+    # 1-2-2-4 blocks down, 1 up, group norm (8)
     from monai.networks.blocks.segresnet_block import ResBlock
 
     assert [sum(isinstance(m, ResBlock) for m in layer) for layer in resunet.down_layers] == [1, 2, 2, 4]
@@ -196,6 +201,65 @@ def test_training_transforms_follow_the_papers_augmentation(datalist):
     assert tuple(val_case["image"].shape[1:]) == reference, "validation must see the native volume"
 
 
+def _ensemble_inputs(pred_keys: list[str], et_size: int) -> dict:
+    """Members' logits (every member and flip alike except one member voting against at one voxel) for
+    nested cubes on a 1 mm grid: WT 6³, TC 4³ inside it, ET ``et_size``³ inside TC."""
+    from monai.data import MetaTensor
+
+    logits = torch.full((3, 8, 8, 8), -5.0)
+    logits[1, 1:7, 1:7, 1:7] = 5.0  # WT
+    logits[0, 2:6, 2:6, 2:6] = 5.0  # TC
+    lo = 4 - et_size // 2
+    logits[2, lo : lo + et_size, lo : lo + et_size, lo : lo + et_size] = 5.0  # ET
+    voted = logits.clone()
+    voted[1, 0, 0, 0] = 3.0  # WT at the corner: one member in three says no -> mean probability 0.65, still WT
+    dissent = logits.clone()
+    dissent[1, 0, 0, 0] = -3.0
+    data = {}
+    for i, key in enumerate(pred_keys):
+        data[key] = MetaTensor(dissent if i < len(pred_keys) // 3 else voted, affine=torch.eye(4))
+    return data
+
+
+def test_inference_defaults_are_the_submissions_post_processing():
+    """Lachinov et al.'s submission (and the pseudo-labeller): the members' sigmoid outputs averaged over 4 in-plane
+    flips, threshold 0.5, nested painting WT -> 2, TC -> 1, ET -> 4, and ET under 32 voxels (1 mm) -> necrosis."""
+    for configs in (["inference.json"], ["inference.json", "pseudo_label.json"]):
+        parser = bundle_config(ENSEMBLE, configs)
+        assert parser.get_parsed_content("tta_enabled") is True
+        assert sorted(map(sorted, parser.get_parsed_content("tta_flips"))) == [[], [0], [0, 1], [1]]
+        assert parser.get_parsed_content("et_min_voxels") == 32
+    necrosis = [t for t in bundle_config(ENSEMBLE, PSEUDO).get_parsed_content("hard_label_writer")
+                if type(t).__name__ == "EnhancingToNecrosisd"]
+    assert [t.et_min_voxels for t in necrosis] == [32.0], "hard pseudo labels get the same ET rule"
+
+    parser = bundle_config(ENSEMBLE, "inference.json")
+    keys = parser.get_parsed_content("ensemble_pred_keys")
+    assert len(keys) == 12  # 3 members x 4 flips
+    postprocessing = parser.get_parsed_content("postprocessing")
+    for et_size, et_label in ((2, 1), (4, 4)):  # 8 ET voxels (< 32) become necrosis; 64 stay enhancing
+        labels = postprocessing(_ensemble_inputs(keys, et_size))["pred"][0]
+        expected = torch.zeros(8, 8, 8)
+        expected[1:7, 1:7, 1:7] = 2
+        expected[2:6, 2:6, 2:6] = 1
+        lo = 4 - et_size // 2
+        expected[lo : lo + et_size, lo : lo + et_size, lo : lo + et_size] = et_label
+        expected[0, 0, 0] = 2
+        assert torch.equal(labels.as_tensor().float(), expected), f"ET of {et_size ** 3} voxels"
+
+
+def test_evaluation_keeps_one_et_rule_for_every_model_of_a_table():
+    """Evaluation defaults stay comparable: no ET post-processing for any member, the ensemble or the students
+    (the experiment runner sets one value for all); the ensemble is evaluated as it pseudo-labels (TTA)."""
+    from tests.bundle_runner import BUNDLES
+
+    member = bundle_config(ENSEMBLE, ["train.json", "member_unet.json", "evaluate.json"])
+    ensemble = bundle_config(ENSEMBLE, ["train.json", "evaluate.json", "evaluate_ensemble.json"])
+    student = bundle_config(BUNDLES / "omni_student", ["train.json", "evaluate.json"])
+    assert {p.get_parsed_content("et_min_voxels") for p in (member, ensemble, student)} == {0}
+    assert ensemble.get_parsed_content("tta_enabled") is True
+
+
 # ---------------------------------------------------------------------------------------------
 # training and evaluation
 
@@ -205,7 +269,11 @@ def test_each_member_trains_one_epoch_and_saves_its_own_checkpoint(models_dir):
         assert (models_dir / member / "checkpoint.pt").is_file(), f"{member}: no resumable checkpoint"
         state = torch.load(models_dir / member / "model.pt", map_location="cpu", weights_only=True)
         net = member_network(member)
-        net.load_state_dict(state["model"])  # the member's architecture, strictly
+        net.load_state_dict(state["model"])  # the member's inference architecture, strictly
+        if member == "resunet":  # trained with the VAE branch: model.pt holds the branch-free weights, checkpoint.pt all
+            assert not [k for k in state["model"] if k.startswith("vae_")]
+            resume = torch.load(models_dir / member / "checkpoint.pt", map_location="cpu", weights_only=True)
+            assert any(k.startswith("vae_fc1.") for k in resume["model"])
         log = _SESSION["train_logs"][member]
         assert "Epoch: 1/1" in log and "val_mean_dice" in log
 

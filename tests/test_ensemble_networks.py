@@ -1,5 +1,6 @@
-"""Networks of the ``ensemble`` bundle: the cascaded multi-encoder U-Net (``brats_kd/networks/cascade.py``)
-and the two MONAI members as the bundle configures them.
+"""Networks of the ``ensemble`` bundle: the cascaded multi-encoder U-Net (``brats_kd/networks/cascade.py``),
+the No New-Net U-Net with strided convolutions (``brats_kd/networks/strided_unet.py``) and MONAI's
+residual U-Net as the bundle configures them.
 
 The member snippets below are written the way the bundle's JSON configs spell them (lists,
 not tuples), so they double as the reference for those configs.
@@ -16,7 +17,7 @@ import brats_kd.networks.cascade as cascade
 
 MEMBER_CONFIGS = {
     "unet": {
-        "_target_": "BasicUNet",
+        "_target_": "brats_kd.networks.StridedUNet",
         "spatial_dims": 3,
         "in_channels": 4,
         "out_channels": 3,
@@ -102,6 +103,38 @@ def test_unet_member_upsamples_trilinearly_after_halving_width():
     assert isinstance(net.conv_0.conv_0.adn.A, torch.nn.LeakyReLU)
     assert net.conv_0.conv_0.adn.A.negative_slope == 0.01
     assert isinstance(net, BasicUNet)
+
+
+def test_unet_member_downsamples_with_strided_convolutions_not_max_pooling():
+    """Lachinov et al. Fig. 1: "Instead of max pooling we use strided convolutions." Each encoder level's
+    first 3x3x3 convolution has stride 2 (and instance norm + leaky ReLU after it); no pooling layer anywhere."""
+    net = _build(MEMBER_CONFIGS["unet"])
+    assert not [m for m in net.modules() if isinstance(m, (torch.nn.MaxPool3d, torch.nn.AvgPool3d))]
+    widths = MEMBER_CONFIGS["unet"]["features"]
+    for level in range(1, 5):
+        down = getattr(net, f"down_{level}")
+        first, second = down.convs.conv_0, down.convs.conv_1
+        assert first.conv.stride == (2, 2, 2) and first.conv.kernel_size == (3, 3, 3)
+        assert (first.conv.in_channels, first.conv.out_channels) == (widths[level - 1], widths[level])
+        assert second.conv.stride == (1, 1, 1)
+        assert isinstance(first.adn.N, torch.nn.InstanceNorm3d) and first.adn.A.negative_slope == 0.01
+    x = torch.randn(1, 4, 32, 32, 32)
+    sizes = []
+    record = lambda module, inputs, output: sizes.append(tuple(output.shape[2:]))  # noqa: E731
+    hooks = [getattr(net, f"down_{k}").register_forward_hook(record) for k in range(1, 5)]
+    assert net(x).shape == (1, 3, 32, 32, 32)
+    for hook in hooks:
+        hook.remove()
+    assert sizes == [(16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2)]
+
+
+def test_strided_unet_scripts_and_names_sizes_it_cannot_take():
+    net = _build({**MEMBER_CONFIGS["unet"], "features": [4, 4, 8, 8, 16, 4]}).eval()
+    x = torch.randn(1, 4, 16, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        net(torch.randn(1, 4, 24, 32, 32))
 
 
 def test_resunet_member_is_segresnet_without_vae():

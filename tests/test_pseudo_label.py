@@ -44,9 +44,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def pseudo_labelled(tmp_path_factory, datalist, phantom_dataset) -> dict:
-    """Run once per session, side by side: hard pseudo labels (with flip TTA), soft pseudo labels
-    (without), and a run that must be refused (output = the data folder). The data folder's snapshot
-    is taken before any of them."""
+    """Run once per session, side by side: hard pseudo labels (the defaults: 4-flip TTA, ET under 32 voxels
+    to necrosis), soft pseudo labels (without TTA), and a run that must be refused (output = the data
+    folder). The data folder's snapshot is taken before any of them."""
     if "runs" not in _SESSION:
         models_dir = trained_members(tmp_path_factory, datalist)
         work = tmp_path_factory.mktemp("pseudo")
@@ -55,8 +55,8 @@ def pseudo_labelled(tmp_path_factory, datalist, phantom_dataset) -> dict:
         inside = phantom_dataset / sorted(p.name for p in phantom_dataset.iterdir() if p.is_dir())[0] / "pseudo"
         common = dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir))
         jobs = {
-            "hard": dict(common, pseudo_label_dir=str(work / "hard"), tta=True),
-            "soft": dict(common, pseudo_label_dir=str(work / "soft"), soft_labels=True),
+            "hard": dict(common, pseudo_label_dir=str(work / "hard")),
+            "soft": dict(common, pseudo_label_dir=str(work / "soft"), soft_labels=True, tta=False),
             "refuse_data": dict(common, pseudo_label_dir=str(phantom_dataset), combined_datalist=str(work / "x.json")),
         }
         results = run_parallel({k: (ENSEMBLE, PSEUDO_CONFIGS, work, v) for k, v in jobs.items()}, check=False)
