@@ -124,8 +124,9 @@ class FrozenTeacher:
     run under ``torch.no_grad()`` on ``batch[image_key]`` and its logits and bottleneck are stored
     in ``batch[logits_key]`` and ``batch[bottleneck_key]`` (on ``device``, without metadata).
 
-    ``no_grad`` rather than ``inference_mode``: the outputs become loss targets, and autograd may
-    save them for the backward pass, which inference tensors forbid. Eval mode is re-asserted
+    ``no_grad`` rather than ``inference_mode`` by default: the outputs become loss targets, and autograd
+    may save them for the backward pass, which inference tensors forbid (``inference_mode=True`` copies
+    them out of inference mode instead). Eval mode is re-asserted
     before every forward, so a stray ``train()`` call can neither switch BatchNorm to batch
     statistics (changing the targets and the running buffers) nor enable dropout.
 
@@ -143,6 +144,13 @@ class FrozenTeacher:
             outputs are returned as float32. Opt-in: on CPUs with native bf16 (AVX-512 BF16, AMX) the
             forward is ~2.5x faster; logits move by a few hundredths (docs/performance.md); on CPUs
             without it bf16 is slower than float32. Ignored on CUDA (use ``amp``).
+        autocast_dtype: on any device, run the Teacher under ``torch.autocast(<device type>, dtype)``
+            (``"bfloat16"`` / ``"float16"`` or a ``torch.dtype``; the GPU path passes
+            ``brats_kd.device.autocast_dtype(device)``); outputs are returned as float32. Takes precedence
+            over ``amp`` and ``cpu_bf16``; ``None``: as those say.
+        inference_mode: run the forward under ``torch.inference_mode()`` rather than ``no_grad`` (no
+            version counters or view tracking); the outputs are then copied out of inference mode (as
+            float32), so that the losses' autograd may save them.
 
     Example config::
 
@@ -161,6 +169,8 @@ class FrozenTeacher:
         device: str | torch.device | None = None,
         amp: bool = False,
         cpu_bf16: bool = False,
+        autocast_dtype: str | torch.dtype | None = None,
+        inference_mode: bool = False,
     ) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}.")
@@ -179,6 +189,11 @@ class FrozenTeacher:
         self.device = torch.device(device) if device is not None else None
         self.amp = bool(amp)
         self.cpu_bf16 = bool(cpu_bf16)
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+        if isinstance(autocast_dtype, str) and autocast_dtype not in dtypes:
+            raise ValueError(f"autocast_dtype must be 'bfloat16', 'float16' or None, got {autocast_dtype!r}.")
+        self.autocast_dtype = dtypes.get(autocast_dtype, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
+        self.inference_mode = bool(inference_mode)
         self._ready = False
 
     def attach(self, engine) -> None:
@@ -210,7 +225,7 @@ class FrozenTeacher:
         self.network.eval()
         if self.hook is not None:
             self.hook.clear()
-        with torch.no_grad(), self._autocast():
+        with torch.inference_mode() if self.inference_mode else torch.no_grad(), self._autocast():
             logits = self.network(image)
         if not isinstance(logits, torch.Tensor):
             raise TypeError(
@@ -218,13 +233,19 @@ class FrozenTeacher:
                 "(disable deep supervision / multiple outputs in the teacher network definition)."
             )
         bottleneck = self.hook.output if self.hook is not None else None
-        if self.device.type == "cpu" and self.cpu_bf16:
+        if self.inference_mode or self.autocast_dtype is not None:
+            # float32 targets; a copy made here, outside inference mode, is an ordinary tensor autograd can save
+            logits = logits.to(torch.float32, copy=self.inference_mode)
+            bottleneck = bottleneck.to(torch.float32, copy=self.inference_mode) if bottleneck is not None else None
+        elif self.device.type == "cpu" and self.cpu_bf16:
             # the KD and KL losses (sigmoid at T, softmax over the bottleneck) stay in float32
             logits = logits.float()
             bottleneck = bottleneck.float() if bottleneck is not None else None
         return logits, bottleneck
 
     def _autocast(self):
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         if self.device.type == "cuda" and self.amp:
             return torch.autocast("cuda")
         if self.device.type == "cpu" and self.cpu_bf16:

@@ -65,6 +65,35 @@ KDNET_ABLATION_MODELS = (
 )
 
 
+GPU_CONFIG = "configs/gpu.json"
+
+
+def check_device(device: str | None) -> None:
+    """``--device``: ``None`` (the bundles' defaults) or ``cuda``, which needs a visible CUDA device.
+
+    Asked in a short subprocess, so that the runner itself never holds a CUDA context.
+    """
+    if device is None:
+        return
+    if device != "cuda":
+        raise ValueError(f"--device must be cuda (or left out for the bundles' defaults), got {device!r}")
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        raise ValueError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+
+
+def use_gpu_configs(stages: list[Stage], device: str | None) -> list[Stage]:
+    """``--device cuda``: every stage built on train.json (training, evaluation, teacher cache) merges its
+    bundle's ``configs/gpu.json`` last (bf16 autocast, data cached on the GPU, cudnn.benchmark; docs/performance.md).
+    The pseudo-labelling stage runs inference.json, which picks CUDA and amp by itself."""
+    if device == "cuda":
+        for stage in stages:
+            if TRAIN in stage.configs and GPU_CONFIG not in stage.configs:
+                stage.configs.append(GPU_CONFIG)
+    return stages
+
+
 def model_dir(out: Path, fold: int, model: str) -> Path:
     return out / f"fold{fold}" / model
 
