@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, ROOT, bundle_config, log_tail
+from tests.bundle_runner import BUNDLES, ROOT, bundle_config, kill_group, log_tail
 from tools.package import build
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,8 @@ BRATS_VALUES = {0, 1, 2, 4}
 #: metadata channel names -> phantom (BraTS 2021) file suffixes
 MODALITY_FILES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
 START_TIMEOUT_S = 240
+#: servers started before giving up, each on a newly chosen port (another process may take a free port first)
+START_ATTEMPTS = 3
 INFER_TIMEOUT_S = 300
 
 
@@ -162,41 +164,59 @@ def server(monailabel_python, tmp_path_factory):
     studies.mkdir()
     home = work / "home"
     home.mkdir()
-    port = free_port()
-    command = [
-        str(monailabel_python), "-m", "monailabel.main", "start_server",
-        "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "models", ",".join(STUDENTS),
-        # no network at start: no zoo look-up, no SAM2 weights, no trainers (a KD student trains with its teacher)
-        "--conf", "zoo_source", "github", "--conf", "sam2", "false", "--conf", "skip_trainers", "true",
-    ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HOME=str(home), MONAI_LABEL_SESSION_PATH=str(work / "sessions"), PYTHONUNBUFFERED="1")
     log_path = work / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    process = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        info = None
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"MONAI Label exited with {process.returncode}:\n{log_tail(log_path.read_text())}")
-            try:
-                info = http_get_json(f"{base}/info/")
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+        # The port is free when chosen, but another process may take it before the server binds it: a server
+        # that exits with "address already in use" is started again on another port; and /info is trusted only
+        # once this server's own log says it listens on the port (never another process's server).
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = free_port()
+            command = [
+                str(monailabel_python), "-m", "monailabel.main", "start_server",
+                "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+                "--conf", "models", ",".join(STUDENTS),
+                # no network at start: no zoo look-up, no SAM2 weights, no trainers (a KD student trains with its teacher)
+                "--conf", "zoo_source", "github", "--conf", "sam2", "false", "--conf", "skip_trainers", "true",
+            ]  # fmt: skip
+            with log_path.open("w") as log:  # its own process group: stopped whole, with any worker it started
+                process = subprocess.Popen(
+                    command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            base = f"http://127.0.0.1:{port}"
+            listening = f"Uvicorn running on {base}"
+            deadline = time.monotonic() + START_TIMEOUT_S
+            info = None
+            while time.monotonic() < deadline and info is None:
+                if process.poll() is not None:
+                    break
+                if listening in log_path.read_text():
+                    try:
+                        info = http_get_json(f"{base}/info/")
+                        continue
+                    except (urllib.error.URLError, ConnectionError, TimeoutError):
+                        pass
                 time.sleep(1)
-        if info is None:
-            pytest.fail(f"MONAI Label did not answer within {START_TIMEOUT_S} s:\n{log_tail(log_path.read_text())}")
+            if info is not None:
+                break
+            text = log_path.read_text()
+            if process.poll() is not None and "address already in use" in text.lower() and attempt < START_ATTEMPTS:
+                continue  # lost the race for the port: another one
+            if process.poll() is not None:
+                pytest.fail(f"MONAI Label exited with {process.returncode}:\n{log_tail(text)}")
+            pytest.fail(f"MONAI Label did not answer within {START_TIMEOUT_S} s:\n{log_tail(text)}")
         yield {"base": base, "info": info, "log": log_path, "work": work, "app": app}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill_group(process)
+                process.wait(timeout=30)
+            kill_group(process)  # whatever the server started and left behind
 
 
 @pytest.mark.parametrize("name", STUDENTS)
