@@ -88,3 +88,33 @@ def test_inference_reports_seconds_and_peak_memory_of_student_and_zoo(tmp_path):
     for key in ("ratio_total_s", "ratio_network_s", "ratio_peak_rss"):
         assert positive(result[key]), key
     check_environment(result)
+
+
+MODELS = ("teacher", "baseline", "student_online", "student_cached", "teacher_copy")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gpu_config", ["false", "true"])
+def test_train_throughput_reports_every_model_with_data_wait_and_peak_memory(tmp_path, gpu_config):
+    """16³ input, 2 timed steps per model; ``--gpu-config true`` runs the GPU path on the CPU (bfloat16 autocast,
+    data cached 'on the device', ThreadDataLoader)."""
+    result = run_bench(
+        tmp_path, "train-throughput", "--spatial-size", "16", "--filters", "[4,8,16,32]", "--steps", "2", "--warmup", "1",
+        "--block", "2", "--cases", "8", "--num-workers", "0", "--gpu-config", gpu_config,
+    )
+    assert set(result["models"]) == set(MODELS)
+    for name, entry in result["models"].items():
+        for key in ("samples_per_s", "step_s", "peak_memory_mb", "cache_fill_s"):
+            assert positive(entry[key]), (name, key)
+        assert entry["samples_per_s"] == pytest.approx(2 / entry["step_s"])
+        assert 0 <= entry["data_wait_fraction"] < 1 and entry["data_wait_s"] >= 0, name
+        assert len(entry["step_times_s"]) == 2 and entry["steps_per_epoch"] == 4, name  # 8 cases, batch 2
+        assert entry["amp_dtype"] == ("torch.bfloat16" if gpu_config == "true" else None), name
+    models = result["models"]
+    ratios = {"ratio_student_online": ("student_online", "baseline"), "ratio_student_cached": ("student_cached", "baseline"),
+              "ratio_teacher_copy": ("teacher_copy", "teacher")}
+    for key, (num, den) in ratios.items():
+        assert result[key] == pytest.approx(models[num]["step_s"] / models[den]["step_s"]), key
+    assert result["gpu_config"] is (gpu_config == "true") and result["spatial_size"] == [16, 16, 16]
+    assert result["memory_method"].startswith(("VmHWM", "ru_maxrss"))
+    check_environment(result)

@@ -50,7 +50,9 @@ class TrainingSteps:
     """One training step of each variant, built from the kd_student bundle's own classes.
 
     ``baseline``: a 1-channel ``EncoderDecoder`` trained by ``SupervisedTrainer`` with Dice + BCE.
-    ``kd_online``: ``FrozenTeacher`` (4-channel Teacher, no autograd, AMP on CUDA) then ``KDTrainer``.
+    ``kd_online``: ``FrozenTeacher`` (4-channel Teacher, no autograd) then ``KDTrainer``.
+    On CUDA every variant runs as ``configs/gpu.json`` trains: autocast in bfloat16 (float16 with a GradScaler where
+    bfloat16 is missing), the teacher under ``inference_mode``.
     ``kd_cached``: ``KDTrainer`` with the Teacher's targets already in the batch.
     ``teacher_forward``: ``FrozenTeacher`` alone (explains the online overhead).
     ``baseline_copy``: a second, identical baseline: its ratio to ``baseline`` is the noise floor (an A/A test).
@@ -61,9 +63,16 @@ class TrainingSteps:
     def __init__(self, device: str, batch_size: int, spatial: tuple[int, int, int], filters: Sequence[int], workdir: Path):
         import torch
         from monai.engines import SupervisedTrainer
+        from monai.inferers import SimpleInferer
         from monai.losses import DiceFocalLoss
+
+        from brats_kd.device import AutocastInferer, autocast_dtype, needs_grad_scaler
+
         self.device = torch.device(device)
-        amp = self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
+        # on CUDA, the bundles' GPU path (configs/gpu.json): autocast in bf16 (fp16 + GradScaler without bf16)
+        dtype = autocast_dtype(self.device) if cuda else None
+        amp = cuda and needs_grad_scaler(self.device, dtype)
         self.batch = synthetic_batch(batch_size, spatial, filters)
 
         def net(channels: int):
@@ -75,8 +84,13 @@ class TrainingSteps:
 
         def trainer(cls, network, loss, **kwargs):
             optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
-            return cls(device=self.device, max_epochs=1, train_data_loader=[self.batch], network=network,
-                       optimizer=optimizer, loss_function=loss, amp=amp, **kwargs)
+            engine = cls(device=self.device, max_epochs=1, train_data_loader=[self.batch], network=network,
+                         optimizer=optimizer, loss_function=loss, amp=amp, inferer=AutocastInferer(SimpleInferer(), dtype),
+                         **kwargs)
+            # what Trainer.run() does first: without it an `amp` trainer stepped by hand has no GradScaler and
+            # silently trains in float32 (the benchmark measured the wrong thing on CUDA before)
+            engine.scaler = torch.amp.GradScaler("cuda") if amp else None
+            return engine
 
         def objective():
             losses = brats_kd.losses
@@ -84,7 +98,7 @@ class TrainingSteps:
 
         checkpoint = workdir / "teacher.pt"
         torch.save({"model": net(4).state_dict()}, checkpoint)
-        self.teacher = brats_kd.teacher.FrozenTeacher(net(4), checkpoint, amp=amp)
+        self.teacher = brats_kd.teacher.FrozenTeacher(net(4), checkpoint, autocast_dtype=dtype, inference_mode=cuda)
         self.teacher.load(self.device)
         self.teacher_bf16 = brats_kd.teacher.FrozenTeacher(net(4), checkpoint, cpu_bf16=True)
         self.teacher_bf16.load(self.device)
@@ -135,17 +149,23 @@ class TrainingSteps:
         return variants
 
 
-def profile_steps(variants: dict[str, Callable[[], None]], top: int = 8) -> dict:
-    """``torch.profiler`` table of one call of each variant: the ``top`` operators by self CPU time (ms)."""
-    from torch.profiler import profile
+def profile_steps(variants: dict[str, Callable[[], None]], top: int = 8, cuda: bool = False) -> dict:
+    """``torch.profiler`` table of one call of each variant: the ``top`` operators by self time (ms) on the CPU, or,
+    with ``cuda``, on the GPU (CPU time says nothing about a GPU step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+
+    def self_time(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
 
     tables = {}
     for name, run in variants.items():
-        with profile() as prof:
+        with profile(activities=activities) as prof:
             run()
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events)
-        tables[name] = {"total_ms": round(total / 1e3, 1)} | {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in events[:top]}
+        events = sorted(prof.key_averages(), key=self_time, reverse=True)
+        total = sum(self_time(e) for e in events)
+        tables[name] = {"total_ms": round(total / 1e3, 1)} | {e.key: round(self_time(e) / 1e3, 1) for e in events[:top]}
     return tables
 
 
@@ -165,7 +185,7 @@ def kd_overhead(
 
     Args:
         json: output file.
-        device: ``cpu`` or ``cuda`` (mixed precision on CUDA, as the bundles' ``amp`` default).
+        device: ``cpu`` or ``cuda`` (on CUDA: bf16 autocast as in the bundles' ``configs/gpu.json``).
         spatial_size: network input size (one number or three); 64 in the paper preset.
         batch_size: cases per step (the bundles' default is 2).
         steps: timed steps per variant, after ``warmup`` untimed ones.
@@ -185,7 +205,7 @@ def kd_overhead(
     with tempfile.TemporaryDirectory() as tmp:
         steps_ = TrainingSteps(device, _positive("batch_size", batch_size), spatial, tuple(filters), Path(tmp))
         times = interleaved_times(steps_.variants(), _positive("steps", steps), int(warmup), _positive("block", block), device)
-        tables = profile_steps(steps_.variants()) if profile else None
+        tables = profile_steps(steps_.variants(), cuda=device.startswith("cuda")) if profile else None
     medians = {name: _median(values) for name, values in times.items()}
     result = {
         "benchmark": "kd-overhead",
