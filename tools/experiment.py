@@ -26,6 +26,7 @@ import fire
 from tqdm.auto import tqdm
 
 from brats_kd.io import write_json_atomic
+from tools import official_metrics as official_metrics_module
 from tools.prepare import DatasetError, UsageError
 from tools.presets import Preset, get_preset
 from tools.run_lock import FolderBusy, acquire_folder
@@ -384,6 +385,7 @@ def kdnet(
     run_folds=None,
     et_min_voxels: int = 0,
     jobs: int | None = None,
+    official_metrics: bool = False,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
@@ -401,7 +403,12 @@ def kdnet(
         jobs: stages run side by side (teacher and baseline, a student as soon as its teacher is done),
             each with the CPU cores split evenly; default 2 on a machine with 2 or more cores. Results
             depend on the threads per stage, so compare runs made with the same ``--jobs``.
+        official_metrics: after the evaluations, also score every saved label map with the BraTS challenge's own
+            scorer (``tools.official_metrics``; its venv from ``tools/brats_eval_env.sh``) and add its lesion-wise
+            Dice and HD95 to the report.
     """
+    if official_metrics:
+        official_metrics_module.scorer_python()  # a missing scorer venv fails now, not after the trainings
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
     if isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, int) or et_min_voxels < 0:
@@ -434,6 +441,8 @@ def kdnet(
                 train.needs += (cache.name,)
             stages += [train, evaluate] + ([postprocessed_evaluation(evaluate, et_min_voxels)] if et_min_voxels else [])
     run_stages(stages, root, parallelism(jobs)["jobs"])
+    if official_metrics:
+        official_metrics_module.score_experiment(str(root), parallelism(jobs)["jobs"])
     from tools.report import write_report
 
     report = write_report(root)

@@ -132,6 +132,40 @@ def markdown_table(rows, agg: dict, first_columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def official_metrics_sections(out: Path, evaluations: list[str]) -> tuple[dict, list[str]]:
+    """The BraTS challenge scorer's lesion-wise Dice / HD95 table of each evaluation it was run on
+    (``tools.official_metrics``, ``kdnet --official_metrics``): ``({evaluation: summary}, report lines)``."""
+    from tools.official_metrics import HD95_PENALTY_MM, collect_official, experiment_agreement
+
+    ablations = {m: f"{label} {loss}, {skips} skip connections" for m, skips, label, loss in TABLE2[2:4] + TABLE2[5:]}
+    labels = {**dict(TABLE1), **ablations, **dict(OMNI_TABLE)}
+    summary, lines = {}, []
+    for evaluation in evaluations:
+        results = collect_official(out, evaluation)
+        if not results:
+            continue
+        agg, agreement = aggregate(results), experiment_agreement(out, evaluation)
+        summary[evaluation] = {"lesionwise": agg, "volume_dice_agreement": agreement}
+        rows = [(m, labels[m]) for m in labels if m in agg] + [(m, m) for m in sorted(agg) if m not in labels]
+        lines += [
+            f"## Official BraTS scorer: lesion-wise Dice and HD95 (`<model>/{evaluation}`)",
+            "",
+            "The BraTS 2023+ ranking metrics, computed by the challenge's own package (BraTS-evaluation on panoptica,"
+            " requirements-brats-eval.txt) on the saved label maps (`official_metrics.csv` next to each evaluation):"
+            " lesions are connected components, matched one to one; per case the mean Dice / HD95 (mm) over the"
+            f" matched lesions, Dice 0 and HD95 {HD95_PENALTY_MM:.0f} mm where none matched, the region left out where"
+            " neither reference nor prediction has a lesion. Each cell: mean ± std over the per-fold means.",
+            "",
+            markdown_table(rows, agg, ("Model",)),
+            "",
+            f"- volume-wise Dice of the official scorer vs this report's, per case and region: max |difference|"
+            f" {agreement['max_abs_difference']:.1e} over {agreement['compared']}; {agreement['empty_both']} with empty"
+            " reference and prediction not compared (official: undefined; this report: 1).",
+            "",
+        ]
+    return summary, lines
+
+
 def write_per_case_csv(results: dict, path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -163,6 +197,9 @@ def write_report(out: str | Path) -> Path:
     postprocessed_tests = {name: paired_tests(r, pairs) for name, r in postprocessed.items() if r}
     summary = {"aggregate": agg, "folds": folds, "paired_tests": tests, "experiment": experiment}
     summary["postprocessed"] = {n: {"aggregate": a, "paired_tests": postprocessed_tests[n]} for n, a in postprocessed_agg.items()}
+    official, official_lines = official_metrics_sections(out, ["evaluate", *postprocessed])
+    if official:
+        summary["official_metrics"] = official
     write_json_atomic(out / "summary.json", summary)
     write_per_case_csv(results, out / "per_case.csv")
 
@@ -233,6 +270,7 @@ def write_report(out: str | Path) -> Path:
         if postprocessed_tests[name]:
             sections += [paired_tests_table(postprocessed_tests[name]), ""]
 
+    sections += official_lines
     pictures = figures.draw_all(out, results, agg)
     if pictures:
         sections += ["## Figures", ""]
