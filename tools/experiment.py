@@ -552,6 +552,7 @@ def omni(
     seed: int = 0,
     run_folds=None,
     jobs: int | None = None,
+    seeds=None,
 ) -> str:
     """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
 
@@ -563,7 +564,12 @@ def omni(
         seed: seed of the phantom, the split, initialisation and augmentation.
         run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
         jobs: stages run side by side, as for ``kdnet``.
+        seeds: repeat the whole experiment on these data seeds (e.g. ``[0,1]``; ``--seed`` is then not used), each
+            in ``<out>/seed<s>`` with its own phantom, split and training seed; the report in ``out`` pools every
+            (seed, fold) run: mean ± std over those runs, paired tests over all their test cases.
     """
+    if seeds is not None:
+        return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs)
     options = {"run_folds": run_folds, **parallelism(jobs)}
     root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, options)
     start = time.monotonic()
@@ -574,6 +580,30 @@ def omni(
 
     report = write_report(root)
     print(f"report: {report} ({time.monotonic() - start:.0f} s)")
+    return str(report)
+
+
+def data_seeds(seeds) -> list[int]:
+    """``--seeds``: distinct whole numbers >= 0 (Fire gives a list for ``[0,1]``, an int for ``0``)."""
+    values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    if not values or not valid or len(set(values)) < len(values):
+        raise ValueError(f"--seeds must be distinct whole numbers >= 0, e.g. [0,1], got {seeds!r}")
+    return values
+
+
+def omni_over_seeds(data: str, out: str, preset: str, folds: int | None, seeds, run_folds, jobs: int | None) -> str:
+    """:func:`omni` once per data seed into ``<out>/seed<s>``, then one report over every (seed, fold) run in ``out``."""
+    chosen = data_seeds(seeds)
+    options = {"run_folds": run_folds, "seeds": chosen, **parallelism(jobs)}
+    root = _start("omni", data, out, preset, folds, chosen, run_folds, options)[0]
+    start = time.monotonic()
+    for seed in chosen:
+        omni(data, str(root / f"seed{seed}"), preset, folds, seed, run_folds, jobs)
+    from tools.report import write_report
+
+    report = write_report(root)
+    print(f"report over seeds {chosen}: {report} ({time.monotonic() - start:.0f} s)")
     return str(report)
 
 

@@ -2,7 +2,9 @@
 
 Reads what the bundles wrote under an experiment folder (``fold<k>/<model>/evaluate`` for metrics
 and predictions, ``fold<k>/<model>/train`` for TensorBoard logs) and writes ``report.md`` with
-PNG figures next to it. ``python -m tools.report --out DIR`` rebuilds it.
+PNG figures next to it. ``python -m tools.report --out DIR`` rebuilds it. An experiment repeated on
+several data seeds keeps each seed's folds in ``seed<s>/fold<k>``; the report then pools every
+(seed, fold) run: the spread is over those runs and the paired tests over all their test cases.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ def fold_dirs(out: Path) -> list[Path]:
     return sorted((p for p in out.glob("fold*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
 
 
+def seed_dirs(out: Path) -> list[Path]:
+    """``seed<s>`` folders of an experiment repeated on several data seeds (each holding its own folds)."""
+    return sorted((p for p in out.glob("seed*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+
+
+def run_dirs(out: Path) -> list[tuple[int | str, Path]]:
+    """``(run, folder)`` of every evaluated run: ``(k, out/fold<k>)``, or ``("seed<s>/fold<k>", ...)`` when the
+    experiment was repeated on several data seeds. A run is one test fold of one data set: the unit of the spread."""
+    seeds = seed_dirs(out)
+    if seeds:
+        return [(f"{seed.name}/{fold.name}", fold) for seed in seeds for fold in fold_dirs(seed)]
+    return [(int(fold.name[4:]), fold) for fold in fold_dirs(out)]
+
+
 def read_case_metrics(evaluate_dir: Path) -> dict[str, dict[str, float]]:
     """Per-case metrics from MetricsSaver's ``<metric>_raw.csv`` files: ``{case_id: {metric: value}}``."""
     cases: dict[str, dict[str, float]] = {}
@@ -65,9 +81,8 @@ def read_case_metrics(evaluate_dir: Path) -> dict[str, dict[str, float]]:
 
 def collect(out: Path, evaluation: str = "evaluate") -> dict[str, dict[int, dict[str, dict[str, float]]]]:
     """``{model: {fold: {case_id: {metric: value}}}}`` for every model evaluated in ``<model>/<evaluation>``."""
-    results: dict[str, dict[int, dict]] = {}
-    for fold_dir in fold_dirs(out):
-        fold = int(fold_dir.name[4:])
+    results: dict[str, dict[int | str, dict]] = {}
+    for fold, fold_dir in run_dirs(out):
         for evaluate_dir in sorted(fold_dir.glob(f"*/{evaluation}")):
             if (evaluate_dir / "summary.json").exists():
                 results.setdefault(evaluate_dir.parent.name, {})[fold] = read_case_metrics(evaluate_dir)
@@ -76,7 +91,7 @@ def collect(out: Path, evaluation: str = "evaluate") -> dict[str, dict[int, dict
 
 def postprocessed_evaluations(out: Path) -> list[str]:
     """Names of the extra evaluations with ET post-processing (``evaluate_et<N>``) present under ``out``."""
-    names = {p.name for fold_dir in fold_dirs(out) for p in fold_dir.glob("*/evaluate_et*") if p.is_dir()}
+    names = {p.name for _, fold_dir in run_dirs(out) for p in fold_dir.glob("*/evaluate_et*") if p.is_dir()}
     return sorted(names, key=lambda name: int(name[len("evaluate_et") :]) if name[len("evaluate_et") :].isdigit() else 0)
 
 
@@ -116,11 +131,15 @@ def _cell(stats: dict[str, float], digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def markdown_table(rows, agg: dict, first_columns: tuple[str, ...]) -> str:
+def markdown_table(rows, agg: dict, first_columns: tuple[str, ...], count_label: str = "Folds") -> str:
     """Rows ``(model, *first column values)``; Dice (0–1) and HD95 (mm) columns as mean ± std over folds,
-    then the number of folds behind the row (rows of one table may come from different ``--run_folds``)."""
+    then the number of folds behind the row (rows of one table may come from different ``--run_folds``);
+    ``count_label`` "Runs" where the folds of several data seeds are pooled."""
     header = (
-        list(first_columns) + [f"Dice {r.upper()}" for r in REGIONS] + [f"HD95 {r.upper()} (mm)" for r in REGIONS] + ["Folds"]
+        list(first_columns)
+        + [f"Dice {r.upper()}" for r in REGIONS]
+        + [f"HD95 {r.upper()} (mm)" for r in REGIONS]
+        + [count_label]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, *labels in rows:
@@ -132,7 +151,7 @@ def markdown_table(rows, agg: dict, first_columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def official_metrics_sections(out: Path, evaluations: list[str]) -> tuple[dict, list[str]]:
+def official_metrics_sections(out: Path, evaluations: list[str], count_label: str = "Folds") -> tuple[dict, list[str]]:
     """The BraTS challenge scorer's lesion-wise Dice / HD95 table of each evaluation it was run on
     (``tools.official_metrics``, ``kdnet --official_metrics``): ``({evaluation: summary}, report lines)``."""
     from tools.official_metrics import HD95_PENALTY_MM, collect_official, experiment_agreement
@@ -156,7 +175,7 @@ def official_metrics_sections(out: Path, evaluations: list[str]) -> tuple[dict, 
             f" matched lesions, Dice 0 and HD95 {HD95_PENALTY_MM:.0f} mm where none matched, the region left out where"
             " neither reference nor prediction has a lesion. Each cell: mean ± std over the per-fold means.",
             "",
-            markdown_table(rows, agg, ("Model",)),
+            markdown_table(rows, agg, ("Model",), count_label),
             "",
             f"- volume-wise Dice of the official scorer vs this report's, per case and region: max |difference|"
             f" {agreement['max_abs_difference']:.1e} over {agreement['compared']}; {agreement['empty_both']} with empty"
@@ -195,9 +214,12 @@ def write_report(out: str | Path) -> Path:
     postprocessed = {name: collect(out, name) for name in postprocessed_evaluations(out)}
     postprocessed_agg = {name: aggregate(r) for name, r in postprocessed.items() if r}
     postprocessed_tests = {name: paired_tests(r, pairs) for name, r in postprocessed.items() if r}
-    summary = {"aggregate": agg, "folds": folds, "paired_tests": tests, "experiment": experiment}
+    seeds = [int(p.name[4:]) for p in seed_dirs(out)]
+    runs = "data seed × fold runs" if seeds else "folds"
+    count_label = "Runs" if seeds else "Folds"
+    summary = {"aggregate": agg, "folds": folds, "seeds": seeds, "paired_tests": tests, "experiment": experiment}
     summary["postprocessed"] = {n: {"aggregate": a, "paired_tests": postprocessed_tests[n]} for n, a in postprocessed_agg.items()}
-    official, official_lines = official_metrics_sections(out, ["evaluate", *postprocessed])
+    official, official_lines = official_metrics_sections(out, ["evaluate", *postprocessed], count_label)
     if official:
         summary["official_metrics"] = official
     write_json_atomic(out / "summary.json", summary)
@@ -215,42 +237,47 @@ def write_report(out: str | Path) -> Path:
         f"numpy {env.get('numpy')}; device: {env.get('device')}",
         f"- git commit: `{env.get('git_commit')}`{' (with uncommitted changes)' if env.get('git_dirty') else ''}",
         "- Dice in [0, 1] and HD95 in mm, computed per case in the original geometry with the BraTS empty-mask rules;"
-        " each cell is the mean ± standard deviation over folds of the per-fold mean over that fold's test cases"
-        " (a single number where only one fold was run).",
+        f" each cell is the mean ± standard deviation over {runs} of the per-fold mean over that fold's test cases"
+        " (a single number where only one fold was run)"
+        + (f"; data seeds {', '.join(map(str, seeds))}, each with its own phantom, split and training seed." if seeds else "."),
         "",
     ]
     if any(m in agg for m, _ in TABLE1):
         known = {m for m, *_ in TABLE2}
         extra = [m for m in sorted(agg) if m.startswith("student_") and m not in known]
         variants = tuple((m, f"KD student, variant `{m[len('student_') :]}`") for m in extra)
-        table = markdown_table(TABLE1 + variants, agg, ("Model",))
+        table = markdown_table(TABLE1 + variants, agg, ("Model",), count_label)
         sections += ["## KD-Net Table 1: teacher, baseline and student", "", table, ""]
         line = difference_line(agg, "student", "baseline")
         sections += [f"- {line}", ""] if line else []
-    if tests:
-        sections += [
-            "## Paired tests",
-            "",
-            "Per-case Dice of each pair over all test folds (the same cases), two-sided Wilcoxon signed-rank test;"
-            " a small p with a positive difference favours the first model.",
-            "",
-            paired_tests_table(tests),
-            "",
-        ]
+    # the omni-student's tests stand under the Lachinov table; the others here
+    omni_tests = [t for t in tests if t["model"] == "omni_student"]
+    other_tests = [t for t in tests if t["model"] != "omni_student"]
+    paired_explanation = (
+        f"Per-case Dice of each pair over all test cases of all {runs} (the same cases), two-sided Wilcoxon"
+        " signed-rank test; a small p with a positive difference favours the first model."
+    )
+    if other_tests:
+        sections += ["## Paired tests", "", paired_explanation, "", paired_tests_table(other_tests), ""]
     if any(m in agg for m, *_ in TABLE2[2:4] + TABLE2[5:]):
         sections += [
             "## KD-Net Table 2: loss-term ablation, 4 and 0 skip connections",
             "",
-            markdown_table(TABLE2, agg, ("Skip connections", "Model", "Loss")),
+            markdown_table(TABLE2, agg, ("Skip connections", "Model", "Loss"), count_label),
             "",
         ]
     if any(m in agg for m, _ in OMNI_TABLE):
         sections += [
             "## Lachinov et al.: ensemble, pseudo labels and distilled student",
             "",
-            markdown_table(OMNI_TABLE, agg, ("Method",)),
+            markdown_table(OMNI_TABLE, agg, ("Method",), count_label),
             "",
         ]
+        lines = [difference_line(agg, "omni_student", reference) for reference in ("manual_student", "ensemble")]
+        sections += [f"- {line}" for line in lines if line] + ([""] if any(lines) else [])
+        if omni_tests:
+            heading = "## Paired tests: distilled student vs manual labels only and vs the ensemble"
+            sections += [heading, "", paired_explanation, "", paired_tests_table(omni_tests), ""]
 
     # Table 2's rows with their columns folded into one label, for the one-label-column tables below
     ablation_rows = tuple((m, f"{label} {loss}, {skips} skip connections") for m, skips, label, loss in TABLE2[2:4] + TABLE2[5:])
@@ -262,7 +289,7 @@ def write_report(out: str | Path) -> Path:
             "The same checkpoints as above, evaluated again with `et_min_voxels` = "
             f"{threshold} for every model (`<model>/{name}`).",
             "",
-            markdown_table(TABLE1 + ablation_rows + OMNI_TABLE, post_agg, ("Model",)),
+            markdown_table(TABLE1 + ablation_rows + OMNI_TABLE, post_agg, ("Model",), count_label),
             "",
         ]
         line = difference_line(post_agg, "student", "baseline")
