@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -167,3 +168,90 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     assert result.returncode == 2 and "unknown preset 'nope'" in result.stderr and "Traceback" not in result.stderr
     result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "y"), "--folds", "2", "--run_folds", "5")
     assert result.returncode == 2 and "--run_folds" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# KD-Net Table 2 with cached teacher targets: --ablation --teacher_mode cached on fold 0
+
+
+def markdown_rows(report: str, heading: str) -> list[list[str]]:
+    """Body rows (cells) of the markdown table under ``heading``."""
+    section = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+    return [cells for cells in rows[1:] if not set("".join(cells)) <= set("-")]
+
+
+#: KD-Net Table 2 (Hu et al.): (model folder, skip connections, model, loss) in the paper's order
+TABLE2_ROWS = (
+    ("baseline", "4", "Baseline", "GT"),
+    ("teacher", "4", "Teacher", "GT"),
+    ("student_gt_kl", "4", "KD-Net", "GT+KL"),
+    ("student_gt_kd", "4", "KD-Net", "GT+KD"),
+    ("student", "4", "KD-Net", "GT+KL+KD"),
+    ("baseline_skip0", "0", "Baseline", "GT"),
+    ("teacher_skip0", "0", "Teacher", "GT"),
+    ("student_skip0_gt_kl", "0", "KD-Net", "GT+KL"),
+    ("student_skip0_gt_kd", "0", "KD-Net", "GT+KD"),
+    ("student_skip0", "0", "KD-Net", "GT+KL+KD"),
+)
+
+
+@pytest.fixture(scope="module")
+def kdnet_ablation(kdnet_smoke, tmp_path_factory) -> Path:
+    """``kdnet --preset smoke --run_folds 0 --ablation --teacher_mode cached``, started from a copy of the smoke
+    run's datalist and fold-0 teacher and baseline (same preset and seed: the runner finds them finished and
+    skips them). Runs: 2 teacher caches, the KD student and the 6 other Table 2 models, trained and evaluated."""
+    out = tmp_path_factory.mktemp("kdnet_ablation") / "run"
+    out.mkdir()
+    shutil.copy2(kdnet_smoke / "datalist.json", out / "datalist.json")  # it names the smoke run's phantom
+    for model in ("teacher", "baseline"):
+        shutil.copytree(kdnet_smoke / "fold0" / model, out / "fold0" / model, ignore=shutil.ignore_patterns("evaluate_et*"))
+    result = run_experiment(
+        "kdnet", "--data", "synthetic", "--preset", "smoke", "--run_folds", "0", "--ablation", "--teacher_mode", "cached",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_ablation_with_cached_targets_reports_every_table2_row_as_its_summary_value(kdnet_ablation):
+    """Every Table 2 row is present, in the paper's order, and each cell is the fold-0 value of its own model
+    and metric in summary.json: swapped rows (e.g. GT+KL and GT+KD) or columns fail. The rows are written out
+    here, not read from tools.report, whose mapping is what is under test."""
+    report = (kdnet_ablation / "report.md").read_text()
+    rows = markdown_rows(report, "## KD-Net Table 2")
+    assert [tuple(r[:3]) for r in rows] == [(skips, label, loss) for _, skips, label, loss in TABLE2_ROWS]
+    aggregate = json.loads((kdnet_ablation / "summary.json").read_text())["aggregate"]
+    columns = ["dice_et", "dice_tc", "dice_wt", "hd95_et", "hd95_tc", "hd95_wt"]
+    for (model, *_), cells in zip(TABLE2_ROWS, rows):
+        for column, metric in enumerate(columns):
+            stats = aggregate[model][metric]
+            assert stats["folds"] == 1 and stats["std"] is None, (model, metric, stats)
+            digits = 3 if metric.startswith("dice") else 1
+            assert cells[3 + column] == f"{stats['mean']:.{digits}f}", (model, metric)
+        assert cells[-1] == "1", "the Folds column"
+    # the copied stages were not run again (one "$ " command line each), the Table 2 models were
+    for model in ("teacher", "baseline"):
+        assert (kdnet_ablation / "fold0" / model / "train" / "log.txt").read_text().count("$ ") == 1
+
+
+def test_ablation_students_train_on_the_cached_targets_of_their_own_teacher(kdnet_ablation):
+    """One cache per teacher (4 and 0 skip connections), computed from that teacher's model.pt for every
+    training case; each KD student trained in cached mode on its own teacher's cache."""
+    from brats_kd.teacher_cache import file_sha256
+    from tools.experiment import KDNET_ABLATION_MODELS, KDNET_MODELS
+
+    fold = kdnet_ablation / "fold0"
+    datalist = json.loads((kdnet_ablation / "datalist.json").read_text())
+    for teacher in ("teacher", "teacher_skip0"):
+        summary = json.loads((fold / teacher / "teacher_cache" / "summary.json").read_text())
+        assert summary["computed"] == summary["cases"] > 0, summary
+        assert summary["cases"] < len(datalist["training"]), "only the training cases of fold 0 are cached"
+        assert summary["teacher_checkpoint_sha256"] == file_sha256(fold / teacher / "models" / "model.pt"), teacher
+    students = [m for m in KDNET_MODELS + KDNET_ABLATION_MODELS if m.teacher is not None]
+    assert len(students) == 6
+    for model in students:
+        config = json.loads((fold / model.name / "train" / "config.json").read_text())
+        assert config["teacher_mode"] == "cached", model.name
+        assert Path(config["teacher_cache_dir"]) == fold / model.teacher / "teacher_cache", model.name
+        assert Path(config["teacher_ckpt"]) == fold / model.teacher / "models" / "model.pt", model.name

@@ -1046,8 +1046,6 @@ def test_every_rank_creates_a_missing_checkpoint_folder(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_pseudo_labelling_killed_mid_way_resumes_without_redoing_a_case(datalist, datalist_json, tmp_path_factory, tmp_path):
-    if not (ROOT / "bundles" / "ensemble" / "configs" / "pseudo_label.json").exists():
-        pytest.skip("the ensemble bundle has no pseudo_label.json yet")
     from tests.test_ensemble_bundle import trained_members
 
     out = tmp_path / "pseudo"
