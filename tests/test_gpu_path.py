@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -378,3 +381,42 @@ def test_gpu_json_files_are_valid_json_with_the_documented_keys():
             assert key in config, (bundle, key)
         assert ("compile" in config) == (bundle != "kd_student"), "KDTrainer refuses compile"
         assert Path(BUNDLES / bundle / "configs" / "train.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/gpu_check.sh
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+
+
+def gpu_check(out: Path, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(GPU_CHECK), str(out)], env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_stops_at_once_without_cuda(tmp_path):
+    proc = gpu_check(tmp_path / "out", GPU_CHECK_DEVICE="cuda")
+    assert proc.returncode == 3
+    assert "CUDA is not available" in proc.stderr and "GPU_CHECK_DEVICE=cpu" in proc.stderr
+    assert not (tmp_path / "out").exists(), "nothing is written before the check"
+    assert gpu_check(tmp_path / "out", GPU_CHECK_DEVICE="tpu").returncode == 2
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_gpu_check_is_shellcheck_clean():
+    proc = subprocess.run(["shellcheck", str(GPU_CHECK)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_of_the_throughput_step_writes_its_json_and_the_summary(tmp_path):
+    """The CPU dry run (GPU_CHECK_DEVICE=cpu: tiny sizes) of one step, as the script runs it on the GPU."""
+    proc = gpu_check(tmp_path / "out", GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="throughput")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["all_ok"] is True
+    assert list(summary["steps"]) == ["throughput_16"] and summary["steps"]["throughput_16"]["exit"] == 0
+    result = json.loads((tmp_path / "out" / "throughput_16.json").read_text())
+    assert set(result["models"]) == {"teacher", "baseline", "student_online", "student_cached", "teacher_copy"}
+    assert result["spatial_size"] == [16, 16, 16] and result["device"] == "cpu"

@@ -28,8 +28,8 @@ from tools.bench.common import (
     _write,
     environment,
 )
+from tools.bench.gpu_check import write_phantom
 from tools.bench.inference import _peak_kb, _reset_peak_rss, _rss_kb
-from tools.bench.loader import _phantom_datalist
 
 #: variant -> (bundle, extra config files, extra overrides); teacher_copy is the A/A control of teacher
 VARIANTS = {
@@ -220,7 +220,7 @@ def train_throughput(
     env_before = environment(device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        datalist = _phantom_datalist(work, _positive("cases", cases), _positive("phantom_size", size))
+        datalist = write_phantom(work, _positive("cases", cases), _positive("phantom_size", size))
         checkpoint = work / "teacher.pt"
         import brats_kd.networks
 
