@@ -1,9 +1,14 @@
 """KD-Net losses (Hu et al., MICCAI 2020, "Knowledge distillation from multi-modal to mono-modal
 segmentation networks"), Eq. 1--5.
 
+- :class:`GTLoss` -- the reference-segmentation loss ``L_GT`` (Eq. 4; also the teacher's training loss).
 - :class:`KDLoss` -- the Teacher's soft labels distilled into the Student (Eq. 1--2).
 - :class:`BottleneckKLLoss` -- Kullback--Leibler divergence between the bottlenecks (Eq. 3).
 - :class:`KDNetObjective` -- the weighted sum with the reference-segmentation loss (Eq. 4--5).
+
+``GTLoss`` and ``KDLoss`` take the network head (``activation``, see :mod:`brats_kd.regions`):
+``"sigmoid"``, three overlapping region channels TC/WT/ET, or ``"softmax"``, four exclusive classes
+(background, necrosis / non-enhancing core, edema, enhancing), the paper's softmax.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from numbers import Real
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["KDLoss", "BottleneckKLLoss", "KDNetObjective"]
+from .regions import REGION_CLASSES, check_activation, head_channels, regions_to_classes
+
+__all__ = ["GTLoss", "KDLoss", "BottleneckKLLoss", "KDNetObjective"]
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -40,18 +47,90 @@ def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str, m
         raise ValueError(f"{what}: expected at least {min_ndim} dimensions, got shape {tuple(student.shape)}.")
 
 
-class KDLoss(_Loss):
-    """Generalised knowledge-distillation loss of KD-Net (Eq. 1--2), for overlapping sigmoid regions.
+class GTLoss(_Loss):
+    """``L_GT`` of KD-Net (Eq. 4): Dice + cross-entropy against the reference segmentation, for either head.
 
-    With Teacher logits ``f_t(x)``, Student logits ``f_s(x_k)`` and temperature ``T``::
+    ``label`` is the bundles' label format, the binary region channels ``y = [TC, WT, ET]``
+    (``[B, 3, *spatial]``); with ``activation="softmax"`` a one-channel label of class indices 0-3
+    (``[B, 1, *spatial]``) is accepted too. With network logits ``f``, ``eps = 1e-5`` and spatial sums::
+
+        sigmoid:  p = sigmoid(f)                                  # [B, 3, ...], one Bernoulli per region
+                  L_GT = mean_{b,c}(1 - (2 sum(p_c y_c) + eps) / (sum(p_c) + sum(y_c) + eps))
+                         + mean_{b,c,voxels}(-y log p - (1 - y) log(1 - p))
+        softmax:  k = regions_to_classes(y)                       # ET -> 3, else TC -> 1, else WT -> 2, else 0
+                  q = one_hot(k, 4), p = softmax(f, over the channels)
+                  L_GT = mean_{b,c}(1 - (2 sum(p_c q_c) + eps) / (sum(p_c) + sum(q_c) + eps))
+                         + mean_{b,voxels}(-log p_k)
+
+    The sigmoid form is MONAI's ``DiceFocalLoss(sigmoid=True, gamma=0)`` (focal loss with gamma 0 is the
+    BCE), as the bundles used before the softmax head; the softmax form is ``DiceCELoss(softmax=True,
+    to_onehot_y=True)``. Both Dice terms include every channel (the background class too). The class of a
+    voxel is determined by the nested regions (BraTS labels 0/1/2/4 → classes 0/1/2/3), so the label
+    pipeline is the same for both heads.
+
+    Why not ``DiceCELoss`` for the sigmoid head: with several channels it uses the softmax cross-entropy,
+    wrong for overlapping regions.
+
+    Args:
+        activation: ``"sigmoid"`` (3 region channels) or ``"softmax"`` (4 classes).
+        smooth_nr, smooth_dr: ``eps`` of the Dice numerator and denominator.
+    """
+
+    def __init__(self, activation: str = "sigmoid", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
+        super().__init__()
+        self.activation = check_activation(activation)
+        if self.activation == "sigmoid":
+            self.loss = DiceFocalLoss(sigmoid=True, gamma=0.0, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        else:
+            self.loss = DiceCELoss(softmax=True, to_onehot_y=True, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            logits: network outputs ``[B, C, *spatial]``, ``C`` = 3 (sigmoid) or 4 (softmax).
+            label: region channels ``[B, 3, *spatial]`` (softmax also: class indices ``[B, 1, *spatial]``).
+
+        Returns:
+            the scalar ``L_GT``.
+        """
+        channels = head_channels(self.activation)
+        if logits.ndim < 3 or logits.shape[1] != channels:
+            raise ValueError(
+                f"GTLoss({self.activation!r}) needs logits with {channels} channels, got shape {tuple(logits.shape)}: "
+                "the network's out_channels and the config value `activation` disagree."
+            )
+        if self.activation == "softmax" and label.shape[1] == len(REGION_CLASSES):
+            label = regions_to_classes(label, dim=1)
+        elif label.shape[1] != (len(REGION_CLASSES) if self.activation == "sigmoid" else 1):
+            raise ValueError(
+                f"GTLoss({self.activation!r}): the label must be the TC/WT/ET region channels [B, 3, ...]"
+                + (" or class indices [B, 1, ...]" if self.activation == "softmax" else "")
+                + f", got shape {tuple(label.shape)}."
+            )
+        return self.loss(logits, label)
+
+
+class KDLoss(_Loss):
+    """Generalised knowledge-distillation loss of KD-Net (Eq. 1--2), for either head.
+
+    With Teacher logits ``f_t(x)``, Student logits ``f_s(x_k)`` and temperature ``T``, for
+    ``activation="sigmoid"`` (overlapping region channels)::
 
         s  = sigmoid(f_t(x) / T)                                  # soft labels, Eq. 1
         s* = [f_t(x) > 0]                                         # Teacher's binary prediction
         p  = sigmoid(f_s(x_k) / T_s)                              # Student probabilities (T_s = 1 in the paper)
         L_KD = w * (1 - Dice(s, p)) + BCE(s*, p)                  # Eq. 2; w = T * T_s with temperature_squared, else 1
 
+    and for ``activation="softmax"`` (exclusive classes; Eq. 1 as the paper writes it, softmax over the
+    class axis)::
+
+        s  = softmax(f_t(x) / T)                                  # soft labels, Eq. 1
+        s* = argmax_c f_t(x)                                      # Teacher's binarised (one-hot) prediction
+        p  = softmax(f_s(x_k) / T_s)
+        L_KD = w * (1 - Dice(s, p)) + CE(s*, p)                   # CE = mean over voxels of -log p_{s*}
+
     with one of two Dice forms (sums over the spatial axes; the Dice term is averaged over batch and
-    channels, the BCE over all voxels)::
+    channels -- every class, background included, in softmax mode -- the BCE/CE over all voxels)::
 
         classical:   Dice(s, p) = (2 sum(p * s) + 1e-5) / (sum(p) + sum(s) + 1e-5)
         soft_label:  Dice(s, p) = (sum(p) + sum(s) - sum|p - s| + 1e-5) / (sum(p) + sum(s) + 1e-5)
@@ -64,26 +143,29 @@ class KDLoss(_Loss):
     (Wang et al., "Dice semimetric losses", MICCAI 2023; MONAI ``DiceLoss(soft_label=True)``) equals the
     classical one for binary targets and is zero exactly at ``p == s``.
 
-    ``s*`` is the Teacher's prediction at the usual 0.5 threshold, which is ``f_t > 0`` for every ``T``.
+    ``s*`` is the Teacher's prediction: in sigmoid mode at the usual 0.5 threshold, which is ``f_t > 0`` for
+    every ``T``; in softmax mode its most probable class (the same for every ``T``; ties: the lower class).
 
-    Why sigmoid instead of the paper's softmax: BraTS is trained on the nested regions TC, WT and
-    ET, which overlap (ET is inside TC inside WT), so each output channel is an independent binary
-    problem and the soft label of a region is its own sigmoid. The temperature softens each
-    region's Bernoulli distribution exactly as ``softmax(z / T)`` softens a categorical one.
+    Why a sigmoid mode besides the paper's softmax: BraTS is evaluated on the nested regions TC, WT and
+    ET, which overlap (ET is inside TC inside WT); with one sigmoid per region each output channel is an
+    independent binary problem and the soft label of a region is its own sigmoid. The temperature
+    softens each region's Bernoulli distribution exactly as ``softmax(z / T)`` softens a categorical one.
 
     The temperature is applied to the Teacher only, as Eq. 2 is written (``sigma(f_s(x_k))``);
     ``student_temperature = T`` divides the Student's logits in both terms as in Hinton et al.'s
     distillation, where ``temperature_squared`` multiplies the soft (Dice) term by ``T * T_s`` to keep
     its gradient scale independent of the temperature.
 
-    The BCE is computed from logits (``binary_cross_entropy_with_logits(f_s / T_s, s*)``) so that
-    saturated logits (e.g. +-50) give finite values and gradients. Teacher tensors are detached.
+    The BCE / CE is computed from logits (``binary_cross_entropy_with_logits(f_s / T_s, s*)``,
+    ``cross_entropy(f_s / T_s, s*)``) so that saturated logits (e.g. +-50) give finite values and
+    gradients. Teacher tensors are detached.
 
     Args:
         temperature: ``T`` in Eq. 1, strictly positive; the paper uses 5.
         student_temperature: divides the Student logits; 1 reproduces Eq. 2.
         soft_label: use the soft-label Dice form (minimised at the soft target) instead of the classical one.
         temperature_squared: multiply the Dice term by ``temperature * student_temperature`` (Hinton et al.).
+        activation: ``"sigmoid"`` (region channels) or ``"softmax"`` (classes, at least 2 channels).
     """
 
     def __init__(
@@ -92,8 +174,10 @@ class KDLoss(_Loss):
         student_temperature: float = 1.0,
         soft_label: bool = False,
         temperature_squared: bool = False,
+        activation: str = "sigmoid",
     ) -> None:
         super().__init__()
+        self.activation = check_activation(activation)
         self.temperature = _check_positive("temperature", temperature)
         self.student_temperature = _check_positive("student_temperature", student_temperature)
         self.soft_weight = self.temperature * self.student_temperature if temperature_squared else 1.0
@@ -102,20 +186,29 @@ class KDLoss(_Loss):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            student_logits: Student pre-sigmoid outputs, ``[B, C, *spatial]``.
-            teacher_logits: Teacher pre-sigmoid outputs of the same shape; used as a fixed target.
+            student_logits: Student logits (before the sigmoid / softmax), ``[B, C, *spatial]``.
+            teacher_logits: Teacher logits of the same shape; used as a fixed target.
 
         Returns:
             the scalar ``L_KD`` of Eq. 2.
         """
         _check_same_shape(student_logits, teacher_logits, "KDLoss", min_ndim=3)
         teacher_logits = teacher_logits.detach()
-        soft_target = torch.sigmoid(teacher_logits / self.temperature)
-        hard_target = (teacher_logits > 0).to(student_logits.dtype)
         student_scaled = student_logits / self.student_temperature
-        dice = self.dice(torch.sigmoid(student_scaled), soft_target)
-        bce = F.binary_cross_entropy_with_logits(student_scaled, hard_target)
-        return self.soft_weight * dice + bce
+        if self.activation == "sigmoid":
+            soft_target = torch.sigmoid(teacher_logits / self.temperature)
+            hard_target = (teacher_logits > 0).to(student_logits.dtype)
+            dice = self.dice(torch.sigmoid(student_scaled), soft_target)
+            hard = F.binary_cross_entropy_with_logits(student_scaled, hard_target)
+        else:
+            if student_logits.shape[1] < 2:
+                raise ValueError(
+                    f"KDLoss(activation='softmax') needs at least 2 class channels, got shape {tuple(student_logits.shape)}."
+                )
+            soft_target = torch.softmax(teacher_logits / self.temperature, dim=1)
+            dice = self.dice(torch.softmax(student_scaled, dim=1), soft_target)
+            hard = F.cross_entropy(student_scaled, teacher_logits.argmax(dim=1))
+        return self.soft_weight * dice + hard
 
 
 #: how BottleneckKLLoss turns a bottleneck ``[B, C, *spatial]`` into distributions
@@ -182,8 +275,8 @@ class KDNetObjective(nn.Module):
 
         L = lambda * L_KD + (1 - lambda) * L_GT + alpha * L_KL
 
-    where ``L_GT`` (Eq. 4) is Dice + BCE against the reference segmentation -- in the bundle
-    ``monai.losses.DiceFocalLoss(sigmoid=True, gamma=0)`` (gamma 0: plain BCE) -- ``L_KD`` is :class:`KDLoss` and ``L_KL`` is
+    where ``L_GT`` (Eq. 4) is Dice + BCE (sigmoid head) or Dice + cross-entropy (softmax head) against the
+    reference segmentation -- :class:`GTLoss` in the bundles -- ``L_KD`` is :class:`KDLoss` and ``L_KL`` is
     :class:`BottleneckKLLoss`.
 
     A term whose weight is 0 is not evaluated (and reported as 0), so the GT-only baseline and the
@@ -245,7 +338,7 @@ class KDNetObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """
         Args:
-            student_logits: Student outputs ``[B, C, *spatial]`` (pre-sigmoid).
+            student_logits: Student outputs ``[B, C, *spatial]`` (logits, before the sigmoid / softmax).
             label: reference segmentation for ``L_GT``, e.g. the 3-channel TC/WT/ET mask.
             teacher_logits: Teacher outputs, same shape as ``student_logits``; required if ``lambda > 0``.
             student_bottleneck: Student latent tensor; required if ``alpha > 0``.

@@ -5,6 +5,12 @@ Student: its soft labels for ``L_KD`` (Eq. 1--2) and its bottleneck ``E_t(x)`` f
 (Eq. 3). :class:`FrozenTeacher` loads its checkpoint before the first iteration and, at the start
 of every iteration, writes the Teacher's outputs into the batch, where :class:`KDTrainer` (or any
 ``iteration_update``) finds them next to the Student's input.
+
+The teacher bundle's ``model.pt`` records what its network was trained for next to the weights
+(:class:`CheckpointRecord`, key ``"record"``: the head ``activation`` and the input ``modalities``),
+and :class:`FrozenTeacher` refuses a checkpoint whose record disagrees with the Student's
+configuration: a softmax Student cannot learn from sigmoid region channels, and a Teacher fed its
+modalities in another order computes garbage without any shape error.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -21,10 +27,14 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from .bottleneck import BottleneckHook, unwrap_module
+from .regions import ACTIVATIONS, check_activation, head_channels
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["FrozenTeacher", "load_teacher_weights"]
+__all__ = ["RECORD_KEY", "CheckpointRecord", "FrozenTeacher", "check_teacher_record", "load_teacher_weights"]
+
+#: key of a ``model.pt`` holding its :class:`CheckpointRecord` (next to ``"model"``, the state dict)
+RECORD_KEY = "record"
 
 TRAIN_TEACHER_HINT = (
     "Set the config key `teacher_ckpt` to the trained teacher's weights, or produce them by training the "
@@ -65,6 +75,85 @@ def _extract_state_dict(checkpoint: object, path: Path) -> Mapping[str, torch.Te
     return state
 
 
+class CheckpointRecord:
+    """What a network was trained for, saved in its ``model.pt`` under :data:`RECORD_KEY`.
+
+    Put it into the best-model saver's ``save_dict`` next to the network (``{"model": network,
+    "record": CheckpointRecord(...)}``): Ignite saves each entry's ``state_dict()``, so the file holds
+    ``{"model": <state dict>, "record": {"activation": "sigmoid", "modalities": ["t1", "t1ce", "t2", "flair"]}}``
+    (plain strings, loadable with ``weights_only=True``). Loaders that read ``"model"`` are unaffected.
+
+    Args:
+        activation: the network's head, one of :data:`~brats_kd.regions.ACTIVATIONS`.
+        modalities: its input channels, in order (the bundle's ``modalities`` config value).
+    """
+
+    def __init__(self, activation: str, modalities: Sequence[str]) -> None:
+        self.activation = check_activation(activation)
+        if isinstance(modalities, str) or not modalities or not all(isinstance(m, str) for m in modalities):
+            raise ValueError(f"modalities must be a non-empty list of modality names, got {modalities!r}.")
+        self.modalities = list(modalities)
+
+    def state_dict(self) -> dict:
+        return {"activation": self.activation, "modalities": list(self.modalities)}
+
+
+def _head_channels(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Output channels of the network's last convolution (``[out, in, *kernel]``), i.e. of its head."""
+    last = next((k for k in reversed(list(state)) if k.endswith("weight") and state[k].ndim >= 3), None)
+    return int(state[last].shape[0]) if last is not None else None
+
+
+def check_teacher_record(
+    checkpoint: object,
+    path: str | os.PathLike,
+    activation: str | None = None,
+    modalities: Sequence[str] | None = None,
+) -> None:
+    """Refuse a teacher checkpoint trained for another head ``activation`` or other input ``modalities``.
+
+    ``checkpoint`` is the loaded file. With a :class:`CheckpointRecord` (key ``"record"``) both values are
+    compared with it (``modalities`` in order: channel ``i`` of the teacher's input is ``modalities[i]``).
+    A checkpoint written before the record existed is checked for what its weights show: the head's output
+    channels (3: sigmoid, 4: softmax); the number of input channels is checked when the weights are loaded.
+    ``None`` skips a check.
+
+    Raises:
+        ValueError: a mismatch; the message names the checkpoint, the recorded and the configured values.
+    """
+    if activation is not None:
+        check_activation(activation)
+    record = checkpoint.get(RECORD_KEY) if isinstance(checkpoint, Mapping) else None
+    problems = []
+    if isinstance(record, Mapping):
+        if activation is not None and record.get("activation") != activation:
+            problems.append(
+                f"it was trained with activation {record.get('activation')!r} but the student is configured with "
+                f"activation {activation!r} (config key `activation`)"
+            )
+        if modalities is not None and list(record.get("modalities", [])) != list(modalities):
+            problems.append(
+                f"it was trained on modalities {list(record.get('modalities', []))} but the student's "
+                f"teacher_modalities are {list(modalities)} (channel order matters)"
+            )
+    elif activation is not None:
+        state = _extract_state_dict(checkpoint, Path(path))
+        channels = _head_channels(state)
+        by_channels = {head_channels(a): a for a in ACTIVATIONS}
+        if channels in by_channels and by_channels[channels] != activation:
+            problems.append(
+                f"it records no activation (written before records existed) and its head has {channels} output "
+                f"channels, the {by_channels[channels]!r} head's, but the student is configured with activation "
+                f"{activation!r} (config key `activation`)"
+            )
+    if problems:
+        raise ValueError(
+            f"Refusing teacher checkpoint '{path}': " + "; ".join(problems)
+            + ". Train the teacher with the student's settings (the same `activation` and `modalities`), or "
+            "set the student's to the teacher's."
+        )
+
+
 def _first_conv_weight(state: Mapping[str, torch.Tensor]) -> str | None:
     """Name of the first ``[out, in, *kernel]`` weight, whose dim 1 is the network's input channel count."""
     return next((k for k, v in state.items() if k.endswith("weight") and v.ndim >= 3), None)
@@ -100,16 +189,24 @@ def _check_compatible(network: nn.Module, state: Mapping[str, torch.Tensor], pat
     )
 
 
-def load_teacher_weights(network: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """Load a teacher checkpoint into ``network`` strictly and safely.
+def load_teacher_weights(
+    network: nn.Module,
+    checkpoint: str | os.PathLike,
+    activation: str | None = None,
+    modalities: Sequence[str] | None = None,
+) -> None:
+    """Load a teacher checkpoint into ``network`` strictly and safely, after :func:`check_teacher_record`.
 
     Raises:
         FileNotFoundError: no such file (the message says how to produce it).
-        ValueError: the file holds anything but tensors in plain containers, or no state dict.
+        ValueError: the file holds anything but tensors in plain containers, or no state dict, or it was
+            trained for another ``activation`` / other ``modalities``.
         RuntimeError: the file is unreadable, or its keys/shapes do not match ``network``.
     """
     path = Path(checkpoint)
-    state = _extract_state_dict(_read_checkpoint(path), path)
+    content = _read_checkpoint(path)
+    check_teacher_record(content, path, activation, modalities)
+    state = _extract_state_dict(content, path)
     model = unwrap_module(network)  # checkpoints are saved without the DDP "module." prefix
     _check_compatible(model, state, path)
     model.load_state_dict(state, strict=True)
@@ -151,6 +248,10 @@ class FrozenTeacher:
         inference_mode: run the forward under ``torch.inference_mode()`` rather than ``no_grad`` (no
             version counters or view tracking); the outputs are then copied out of inference mode (as
             float32), so that the losses' autograd may save them.
+        activation: the Student's head; a checkpoint trained for the other one is refused when loaded
+            (:func:`check_teacher_record`). ``None``: not checked.
+        modalities: the Teacher's input modalities as the Student feeds them; a checkpoint recording
+            others (or another order) is refused. ``None``: not checked.
 
     Example config::
 
@@ -171,6 +272,8 @@ class FrozenTeacher:
         cpu_bf16: bool = False,
         autocast_dtype: str | torch.dtype | None = None,
         inference_mode: bool = False,
+        activation: str | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}.")
@@ -194,6 +297,8 @@ class FrozenTeacher:
             raise ValueError(f"autocast_dtype must be 'bfloat16', 'float16' or None, got {autocast_dtype!r}.")
         self.autocast_dtype = dtypes.get(autocast_dtype, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
         self.inference_mode = bool(inference_mode)
+        self.activation = check_activation(activation) if activation is not None else None
+        self.modalities = list(modalities) if modalities is not None else None
         self._ready = False
 
     def attach(self, engine) -> None:
@@ -210,7 +315,7 @@ class FrozenTeacher:
     def load(self, device: str | torch.device | None = None) -> None:
         """Load the checkpoint (see :func:`load_teacher_weights`) and freeze the Teacher on ``device`` (default CPU)."""
         self._ready = False
-        load_teacher_weights(self.network, self.checkpoint)
+        load_teacher_weights(self.network, self.checkpoint, self.activation, self.modalities)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.network.to(self.device).eval().requires_grad_(False)
         self._ready = True
@@ -238,7 +343,7 @@ class FrozenTeacher:
             logits = logits.to(torch.float32, copy=self.inference_mode)
             bottleneck = bottleneck.to(torch.float32, copy=self.inference_mode) if bottleneck is not None else None
         elif self.device.type == "cpu" and self.cpu_bf16:
-            # the KD and KL losses (sigmoid at T, softmax over the bottleneck) stay in float32
+            # the KD and KL losses (sigmoid / softmax at T, softmax over the bottleneck) stay in float32
             logits = logits.float()
             bottleneck = bottleneck.float() if bottleneck is not None else None
         return logits, bottleneck

@@ -188,7 +188,9 @@ def test_preprocessing_maps_each_layouts_labels_to_tc_wt_et(layout, tmp_path):
 def test_two_epoch_training_writes_model_and_resumable_checkpoint(trained_teacher_run):
     run = trained_teacher_run
     model = load_checkpoint(run.ckpt_dir / "model.pt")
-    assert set(model) == {"model"}
+    assert set(model) == {"model", "record"}
+    # what a KD student checks before distilling this teacher (tests/test_kd_softmax.py)
+    assert model["record"] == {"activation": "sigmoid", "modalities": ["t1", "t1ce", "t2", "flair"]}
     net = bundle_config(TEACHER, "train.json", **TINY).get_parsed_content("network_def")
     net.load_state_dict(model["model"], strict=True)
 

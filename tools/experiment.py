@@ -385,6 +385,7 @@ def kdnet(
     run_folds=None,
     et_min_voxels: int = 0,
     jobs: int | None = None,
+    activation: str = "sigmoid",
     official_metrics: bool = False,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
@@ -403,6 +404,8 @@ def kdnet(
         jobs: stages run side by side (teacher and baseline, a student as soon as its teacher is done),
             each with the CPU cores split evenly; default 2 on a machine with 2 or more cores. Results
             depend on the threads per stage, so compare runs made with the same ``--jobs``.
+        activation: the network head of teacher, baseline and student: ``sigmoid`` (3 region channels TC/WT/ET)
+            or ``softmax`` (4 exclusive classes, KD-Net's Eq. 1 as written).
         official_metrics: after the evaluations, also score every saved label map with the BraTS challenge's own
             scorer (``tools.official_metrics``; its venv from ``tools/brats_eval_env.sh``) and add its lesion-wise
             Dice and HD95 to the report.
@@ -411,6 +414,8 @@ def kdnet(
         official_metrics_module.scorer_python()  # a missing scorer venv fails now, not after the trainings
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
     if isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, int) or et_min_voxels < 0:
         raise ValueError(f"--et_min_voxels must be a whole number >= 0 (0 = off), got {et_min_voxels!r}")
     root, chosen, num_folds, fold_list = _start(
@@ -422,7 +427,7 @@ def kdnet(
         seed,
         run_folds,
         {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels,
-         **parallelism(jobs)},
+         "activation": activation, **parallelism(jobs)},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
@@ -431,6 +436,7 @@ def kdnet(
     for fold in fold_list:
         for model in models:
             extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
+            extra["activation"] = activation  # one head for teacher, baseline and student (a student checks its teacher's)
             if model.teacher is not None and teacher_mode == "cached":
                 # one cache per teacher and fold, shared by the students of that teacher
                 extra["teacher_cache_dir"] = str(model_dir(root, fold, model.teacher) / "teacher_cache")
