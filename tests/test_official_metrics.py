@@ -57,6 +57,18 @@ def teacher_evaluation(trained_teacher_run, tmp_path_factory) -> Path:
     return work / "eval"
 
 
+@pytest.fixture(scope="module")
+def scored_experiment(teacher_evaluation, datalist, scorer_venv, tmp_path_factory) -> Path:
+    """An experiment folder holding :func:`teacher_evaluation` as ``fold0/teacher/evaluate``, scored by
+    ``score_experiment`` (what ``kdnet --official_metrics`` runs): the folder."""
+    out = tmp_path_factory.mktemp("official_experiment")
+    evaluate = out / "fold0" / "teacher" / "evaluate"
+    shutil.copytree(teacher_evaluation, evaluate)
+    (evaluate / "overrides.json").write_text(json.dumps({"datalist": str(datalist), "fold": 0}))  # as tools.stages writes
+    assert official_metrics.score_experiment(str(out), venv=scorer_venv) == [str(evaluate / CSV_NAME)]
+    return out
+
+
 def read_rows(path: Path) -> dict[str, dict[str, str]]:
     with path.open(newline="") as f:
         return {row["case_id"]: row for row in csv.DictReader(f)}
@@ -73,12 +85,9 @@ def region_is_empty(path: Path, labels: tuple[int, ...]) -> bool:
 
 
 @pytest.mark.slow
-def test_official_volume_dice_equals_the_evaluations_per_case_dice(
-    teacher_evaluation, datalist, datalist_json, scorer_venv, tmp_path
-):
-    out = tmp_path / "official.csv"
-    score(str(teacher_evaluation / "predictions"), str(datalist), str(out), fold=0, venv=scorer_venv)
-    official = read_rows(out)
+def test_official_volume_dice_equals_the_evaluations_per_case_dice(scored_experiment, datalist_json):
+    teacher_evaluation = scored_experiment / "fold0" / "teacher" / "evaluate"
+    official = read_rows(teacher_evaluation / CSV_NAME)
     test_cases = sorted(e["case_id"] for e in datalist_json["training"] if e["fold"] == 0)
     assert sorted(official) == test_cases
     dataset_dir = Path(datalist_json["dataset_dir"])
@@ -202,16 +211,13 @@ def expected_cell(rows: dict[str, dict[str, str]], column: str) -> float:
 
 
 @pytest.mark.slow
-def test_experiment_scoring_and_report_table(teacher_evaluation, datalist, tmp_path, scorer_venv, monkeypatch):
+def test_experiment_scoring_and_report_table(scored_experiment, scorer_venv, tmp_path):
     from tools.report import write_report
 
-    monkeypatch.setenv("BRATS_EVAL_VENV", scorer_venv)
     out = tmp_path / "experiment"
+    shutil.copytree(scored_experiment, out)  # this test makes the CSV stale at the end
     evaluate = out / "fold0" / "teacher" / "evaluate"
-    shutil.copytree(teacher_evaluation, evaluate)
-    (evaluate / "overrides.json").write_text(json.dumps({"datalist": str(datalist), "fold": 0}))  # as tools.stages writes
-    assert official_metrics.score_experiment(str(out)) == [str(evaluate / CSV_NAME)]
-    assert official_metrics.score_experiment(str(out)) == [], "an up-to-date CSV is not scored again"
+    assert official_metrics.score_experiment(str(out), venv=scorer_venv) == [], "an up-to-date CSV is not scored again"
     rows = read_rows(evaluate / CSV_NAME)
 
     report = write_report(out).read_text()
