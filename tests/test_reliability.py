@@ -1,6 +1,7 @@
 """Reliability and security: faults injected into the bundles and tools, and what must survive them.
 
-* kills: a training SIGKILLed mid-epoch resumes from its last checkpoint; the experiment runner
+* kills: a training SIGKILLed mid-epoch (``reliability_faults/kill.json``, at an exact step) resumes from
+  its last checkpoint — the teacher, the KD student and an ensemble member; the experiment runner
   killed mid-training resumes on a rerun and then skips what is finished; a killed evaluation or
   pseudo-labelling leaves only complete files; a write killed half-way (SIGXFSZ from a file-size
   limit, at whatever byte it happens) never replaces the previous file;
@@ -8,10 +9,12 @@
 * safe loading: every ``torch.load`` is ``weights_only=True``; a malicious pickle is refused as the
   KD teacher, as a resume checkpoint and as the evaluated model; a checkpoint of another
   architecture is refused before training;
-* numerical faults (``tests/reliability_faults/*.json``, config overrides only): a NaN loss and a
-  NaN gradient under a finite loss stop the run non-zero with the checkpoints byte-identical;
-* bad environment: a checkpoint folder that is a file, an output folder inside a file, a
-  read-only folder (where a tmpfs can be mounted), a full disk.
+* numerical faults (``tests/reliability_faults/*.json``, config overrides only: forward hooks on the
+  trainer's network, so they fit every trainer): a NaN loss and a NaN gradient under a finite loss stop
+  the run non-zero with the checkpoints byte-identical — teacher, KD student and ensemble member;
+* bad environment: a checkpoint folder that is a file (teacher, ensemble member), an output folder
+  inside a file, a read-only folder (EROFS / EACCES injected at the write call), a folder missing on a
+  rank > 0, a full disk (teacher, KD student, ensemble member).
 
 What is guaranteed, and what these tests showed, is written up in ``docs/reliability.md``.
 """
