@@ -41,9 +41,10 @@ class StopOnNonFiniteLoss:
 
     Cost: after every iteration the loss and one fused norm over all weights (:func:`all_finite`)
     are folded into a flag on the training device; the flag is read on the host (one sync) every
-    ``check_interval`` iterations and at the end of every epoch, which runs before the checkpoint
-    savers (they are attached later). With ``check_interval > 1`` a failure is reported up to that
-    many iterations late, never after a checkpoint.
+    ``check_interval`` iterations and after the last iteration of every epoch, i.e. before the epoch's
+    ``EPOCH_COMPLETED`` handlers (validation, which writes the best ``model.pt``, and the checkpoint
+    savers) run. With ``check_interval > 1`` a failure is reported up to that many iterations late,
+    never after a checkpoint. (An ``EPOCH_COMPLETED`` check remains for loaders without a length.)
 
     Float16 mixed precision (a ``GradScaler`` in ``engine.scaler``): on an overflow step the scaler
     finds infinite *gradients* on purpose, skips the optimizer step and halves its scale; the weights
@@ -86,7 +87,10 @@ class StopOnNonFiniteLoss:
         weights_ok = all_finite(self._parameters(engine)).to(loss_ok.device)
         self._loss_ok = loss_ok if self._loss_ok is None else self._loss_ok & loss_ok.to(self._loss_ok.device)
         self._weights_ok = weights_ok if self._weights_ok is None else self._weights_ok & weights_ok.to(self._weights_ok.device)
-        if engine.state.iteration % self.check_interval == 0:
+        epoch_length = getattr(engine.state, "epoch_length", None)
+        last_of_epoch = bool(epoch_length) and engine.state.iteration % epoch_length == 0
+        # the last iteration of an epoch is always read: its EPOCH_COMPLETED runs validation and the model savers
+        if engine.state.iteration % self.check_interval == 0 or last_of_epoch:
             self.check(engine)
 
     def _loss_value(self, engine: Engine) -> float:

@@ -197,9 +197,18 @@ def test_guard_reads_the_flags_every_check_interval_and_names_the_bad_weight():
         step(guard, engine)
 
 
-def test_guard_checks_at_the_end_of_the_epoch_before_the_savers():
+def test_guard_reads_the_flags_after_the_last_iteration_of_every_epoch_before_validation_and_the_savers():
     net = torch.nn.Linear(3, 2)
     guard, engine = StopOnNonFiniteLoss(check_interval=50), fake_engine(net)
+    engine.state.epoch_length = 3
+    step(guard, engine)
+    step(guard, engine, loss=float("nan"))  # iteration 2: not read yet
+    with pytest.raises(RuntimeError, match="training loss is NaN or infinite at epoch 1, between iterations 1 and 3"):
+        step(guard, engine, loss=0.5)  # iteration 3 ends the epoch: read at ITERATION_COMPLETED, before EPOCH_COMPLETED
+
+
+def test_guard_checks_at_epoch_completed_when_the_loader_has_no_length():
+    guard, engine = StopOnNonFiniteLoss(check_interval=50), fake_engine(torch.nn.Linear(3, 2))
     step(guard, engine)
     step(guard, engine, loss=float("nan"))
     with pytest.raises(RuntimeError, match="training loss is NaN or infinite at epoch 1, between iterations 1 and 2"):
@@ -420,3 +429,16 @@ def test_gpu_check_dry_run_of_the_throughput_step_writes_its_json_and_the_summar
     result = json.loads((tmp_path / "out" / "throughput_16.json").read_text())
     assert set(result["models"]) == {"teacher", "baseline", "student_online", "student_cached", "teacher_copy"}
     assert result["spatial_size"] == [16, 16, 16] and result["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_with_gpu_json_a_nan_gradient_stops_the_run_before_validation_writes_a_model(datalist, tmp_path):
+    """log_interval 20 > the epoch's 2 iterations: the guard must still read its flags at the epoch's last
+    iteration, before ValidationHandler's best-model saver (EPOCH_COMPLETED) could save the NaN weights."""
+    fault = Path(__file__).resolve().parent / "reliability_faults" / "nan_gradient.json"
+    proc = run_bundle("teacher", ["train.json", "gpu.json", str(fault)], cwd=tmp_path, check=False, **TINY,
+                      datalist=str(datalist), epochs=1, device="cpu", fault_at=1, ckpt_dir=str(tmp_path / "m"),
+                      output_dir=str(tmp_path / "r"))
+    assert proc.returncode != 0
+    assert "NaN or infinite at epoch 1, between iterations 1 and " in proc.stdout
+    assert not list((tmp_path / "m").glob("*.pt")), "no checkpoint of the poisoned epoch"
