@@ -283,12 +283,27 @@ class KDNetObjective(nn.Module):
     ablations of the paper's Table 2 run without the tensors that term would need; with
     ``lambda = 0`` and ``alpha = 0`` the total is exactly ``gt_loss(student_logits, label)``.
 
+    Other distillation methods (:mod:`brats_kd.distillation`, selected by ``configs/method_*.json``) add
+    weighted terms; each weight is 0 by default, so the paper's objective is unchanged::
+
+        L += beta_logit * L_logit(f_s, f_t) + beta_prototype * L_proto(F_s, F_t, y) + beta_feature * L_feat({F_s}, {F_t})
+
+    ``L_logit`` (e.g. Hinton's softened KL) takes the logits, ``L_proto`` the student's and teacher's
+    features at ``prototype_level`` and the label, ``L_feat`` the features at each of its ``levels``
+    (:attr:`feature_levels` lists what the trainer and the frozen teacher must capture). A method that
+    replaces KD-Net's terms sets ``lambda_kd`` and ``alpha_kl`` to 0 (then ``L_GT`` has weight 1).
+
     Args:
         gt_loss: ``(student_logits, label) -> loss``; ``None`` only if ``lambda_kd == 1``.
         kd_loss: ``(student_logits, teacher_logits) -> loss``; ``None`` only if ``lambda_kd == 0``.
         kl_loss: ``(student_bottleneck, teacher_bottleneck) -> loss``; ``None`` only if ``alpha_kl == 0``.
         lambda_kd: imitation weight ``lambda`` in ``[0, 1]``; the paper uses 0.75.
         alpha_kl: latent-space weight ``alpha >= 0``; the paper uses 10.
+        logit_loss, beta_logit: ``(student_logits, teacher_logits) -> loss`` and its weight (logged ``loss_logit``).
+        prototype_loss, beta_prototype: ``(student_features, teacher_features, label) -> loss`` and its weight
+            (logged ``loss_proto``); prototype_level: the submodule whose output are the features.
+        feature_loss, beta_feature: ``(student_features: dict, teacher_features: dict) -> loss`` with a
+            ``levels`` attribute (the submodule names), and its weight (logged ``loss_feat``).
     """
 
     def __init__(
@@ -298,6 +313,13 @@ class KDNetObjective(nn.Module):
         kl_loss: Callable | None,
         lambda_kd: float = 0.75,
         alpha_kl: float = 10.0,
+        logit_loss: Callable | None = None,
+        beta_logit: float = 0.0,
+        prototype_loss: Callable | None = None,
+        beta_prototype: float = 0.0,
+        prototype_level: str | None = None,
+        feature_loss: Callable | None = None,
+        beta_feature: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(lambda_kd, bool) or not isinstance(lambda_kd, Real) or not 0.0 <= lambda_kd <= 1.0:
@@ -317,11 +339,44 @@ class KDNetObjective(nn.Module):
         self.gt_loss = gt_loss
         self.kd_loss = kd_loss
         self.kl_loss = kl_loss
+        self.extra = {}  # logged name -> weight of each method term in use (weight > 0)
+        for name, fn, weight in (
+            ("logit", logit_loss, beta_logit),
+            ("prototype", prototype_loss, beta_prototype),
+            ("feature", feature_loss, beta_feature),
+        ):
+            if isinstance(weight, bool) or not isinstance(weight, Real) or not 0.0 <= weight < float("inf"):
+                raise ValueError(f"beta_{name} must be a finite number >= 0, got {weight!r}.")
+            if weight > 0 and not callable(fn):
+                raise TypeError(f"{name}_loss must be a callable loss when beta_{name} is {weight}, got {fn!r}.")
+            if weight > 0:
+                self.extra[name] = float(weight)
+        if "prototype" in self.extra and (not isinstance(prototype_level, str) or not prototype_level):
+            raise ValueError(f"beta_prototype > 0 needs prototype_level, the submodule giving the features; got {prototype_level!r}.")
+        if "feature" in self.extra and (isinstance(getattr(feature_loss, "levels", None), str) or not getattr(feature_loss, "levels", None)):
+            raise ValueError("beta_feature > 0 needs a feature_loss with a non-empty `levels` list of submodule names.")
+        self.logit_loss = logit_loss
+        self.prototype_loss = prototype_loss
+        self.prototype_level = prototype_level
+        self.feature_loss = feature_loss
 
     @property
     def needs_teacher_logits(self) -> bool:
-        """Whether ``forward`` needs ``teacher_logits`` (``lambda > 0``)."""
-        return self.lambda_kd > 0
+        """Whether ``forward`` needs ``teacher_logits`` (``lambda > 0`` or ``beta_logit > 0``)."""
+        return self.lambda_kd > 0 or "logit" in self.extra
+
+    @property
+    def feature_levels(self) -> list[str]:
+        """The submodules whose outputs ``forward`` needs from both networks (``student_features`` /
+        ``teacher_features``), in a fixed order; empty for KD-Net's terms alone."""
+        levels = [self.prototype_level] if "prototype" in self.extra else []
+        levels += list(self.feature_loss.levels) if "feature" in self.extra else []
+        return list(dict.fromkeys(levels))
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any term in use needs an output of the teacher."""
+        return self.needs_teacher_logits or self.needs_bottlenecks or bool(self.feature_levels)
 
     @property
     def needs_bottlenecks(self) -> bool:
@@ -335,6 +390,8 @@ class KDNetObjective(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         student_bottleneck: torch.Tensor | None = None,
         teacher_bottleneck: torch.Tensor | None = None,
+        student_features: dict[str, torch.Tensor] | None = None,
+        teacher_features: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -344,14 +401,18 @@ class KDNetObjective(nn.Module):
             student_bottleneck: Student latent tensor; required if ``alpha > 0``.
             teacher_bottleneck: Teacher latent tensor, same shape; required if ``alpha > 0``.
 
+            student_features, teacher_features: ``{submodule name: tensor}`` for :attr:`feature_levels`.
+
         Returns:
-            ``{"loss": L, "loss_gt": L_GT, "loss_kd": L_KD, "loss_kl": L_KL}``, scalar tensors; only
-            ``"loss"`` is meant for ``backward()``.
+            ``{"loss": L, "loss_gt": L_GT, "loss_kd": L_KD, "loss_kl": L_KL}``, scalar tensors, plus
+            ``loss_logit`` / ``loss_proto`` / ``loss_feat`` for each method term in use; only ``"loss"``
+            is meant for ``backward()``.
         """
         if self.needs_teacher_logits and teacher_logits is None:
             raise ValueError(
-                f"lambda_kd={self.lambda_kd} needs teacher_logits, but none were given: run the frozen "
-                "teacher (FrozenTeacher handler) or provide cached teacher outputs, or set lambda_kd=0."
+                f"lambda_kd={self.lambda_kd} (beta_logit={self.extra.get('logit', 0.0)}) needs teacher_logits, but none "
+                "were given: run the frozen teacher (FrozenTeacher handler) or provide cached teacher outputs, or set "
+                "lambda_kd=0 and beta_logit=0."
             )
         if self.needs_bottlenecks and (student_bottleneck is None or teacher_bottleneck is None):
             given = {"student_bottleneck": student_bottleneck, "teacher_bottleneck": teacher_bottleneck}
@@ -373,6 +434,25 @@ class KDNetObjective(nn.Module):
         if self.alpha_kl > 0:
             terms["loss_kl"] = self.kl_loss(student_bottleneck, teacher_bottleneck).mean()
             weighted.append(self.alpha_kl * terms["loss_kl"])
+        levels = self.feature_levels
+        if levels:
+            given = {"student_features": student_features or {}, "teacher_features": teacher_features or {}}
+            missing = [f"{side}[{lv!r}]" for side, feats in given.items() for lv in levels if lv not in feats]
+            if missing:
+                raise ValueError(
+                    f"the distillation terms {sorted(self.extra)} need the features of {levels}, but {missing} missing: "
+                    "KDTrainer and FrozenTeacher hook them by name (online teacher mode only)."
+                )
+        if "logit" in self.extra:
+            terms["loss_logit"] = self.logit_loss(student_logits, teacher_logits).mean()
+            weighted.append(self.extra["logit"] * terms["loss_logit"])
+        if "prototype" in self.extra:
+            level = self.prototype_level
+            terms["loss_proto"] = self.prototype_loss(student_features[level], teacher_features[level], label).mean()
+            weighted.append(self.extra["prototype"] * terms["loss_proto"])
+        if "feature" in self.extra:
+            terms["loss_feat"] = self.feature_loss(student_features, teacher_features).mean()
+            weighted.append(self.extra["feature"] * terms["loss_feat"])
         total = weighted[0]
         for term in weighted[1:]:
             total = total + term

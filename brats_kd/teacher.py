@@ -27,6 +27,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from .bottleneck import BottleneckHook, unwrap_module
+from .distillation import FeatureHooks
 from .regions import ACTIVATIONS, check_activation, head_channels
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -252,6 +253,10 @@ class FrozenTeacher:
             (:func:`check_teacher_record`). ``None``: not checked.
         modalities: the Teacher's input modalities as the Student feeds them; a checkpoint recording
             others (or another order) is refused. ``None``: not checked.
+        feature_levels: names of Teacher submodules (e.g. decoder blocks ``"decoder.3"``) whose outputs the
+            other distillation methods compare (:mod:`brats_kd.distillation`); written to
+            ``batch[features_key]`` as ``{name: tensor}``. Empty / ``None`` (KD-Net): no hooks.
+        features_key: batch key of the Teacher's features.
 
     Example config::
 
@@ -274,6 +279,8 @@ class FrozenTeacher:
         inference_mode: bool = False,
         activation: str | None = None,
         modalities: Sequence[str] | None = None,
+        feature_levels: Sequence[str] | None = None,
+        features_key: str = "teacher_features",
     ) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}.")
@@ -289,6 +296,9 @@ class FrozenTeacher:
         self.bottleneck_key = bottleneck_key
         # resolved now, so a wrong bottleneck name fails when the config is parsed
         self.hook = BottleneckHook(network, bottleneck) if bottleneck is not None else None
+        self.feature_hooks = FeatureHooks(network, feature_levels) if feature_levels else None
+        self.features_key = features_key
+        self.features: dict[str, torch.Tensor] | None = None  # of the latest infer(), with feature_levels
         self.device = torch.device(device) if device is not None else None
         self.amp = bool(amp)
         self.cpu_bf16 = bool(cpu_bf16)
@@ -330,6 +340,8 @@ class FrozenTeacher:
         self.network.eval()
         if self.hook is not None:
             self.hook.clear()
+        if self.feature_hooks is not None:
+            self.feature_hooks.clear()
         with torch.inference_mode() if self.inference_mode else torch.no_grad(), self._autocast():
             logits = self.network(image)
         if not isinstance(logits, torch.Tensor):
@@ -338,14 +350,19 @@ class FrozenTeacher:
                 "(disable deep supervision / multiple outputs in the teacher network definition)."
             )
         bottleneck = self.hook.output if self.hook is not None else None
+        features = self.feature_hooks.outputs if self.feature_hooks is not None else None
         if self.inference_mode or self.autocast_dtype is not None:
             # float32 targets; a copy made here, outside inference mode, is an ordinary tensor autograd can save
             logits = logits.to(torch.float32, copy=self.inference_mode)
             bottleneck = bottleneck.to(torch.float32, copy=self.inference_mode) if bottleneck is not None else None
+            if features is not None:
+                features = {k: v.to(torch.float32, copy=self.inference_mode) for k, v in features.items()}
         elif self.device.type == "cpu" and self.cpu_bf16:
             # the KD and KL losses (sigmoid / softmax at T, softmax over the bottleneck) stay in float32
             logits = logits.float()
             bottleneck = bottleneck.float() if bottleneck is not None else None
+            features = {k: v.float() for k, v in features.items()} if features is not None else None
+        self.features = features
         return logits, bottleneck
 
     def _autocast(self):
@@ -371,3 +388,5 @@ class FrozenTeacher:
         batch[self.logits_key] = logits
         if bottleneck is not None:
             batch[self.bottleneck_key] = bottleneck
+        if self.features is not None:
+            batch[self.features_key] = self.features

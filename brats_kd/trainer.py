@@ -19,13 +19,16 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 
 from .bottleneck import BottleneckHook
+from .distillation import FeatureHooks
 from .losses import KDNetObjective
 
-__all__ = ["KDTrainer", "loss_terms", "LOSS_TERMS"]
+__all__ = ["KDTrainer", "loss_terms", "LOSS_TERMS", "METHOD_TERMS"]
 
 #: keys of ``engine.state.output`` holding the total loss (``CommonKeys.LOSS``) and each term of Eq. 5;
 #: plain strings so that loggers and TensorBoard tags see ``loss``, not an enum member
 LOSS_TERMS = (str(Keys.LOSS), "loss_gt", "loss_kd", "loss_kl")
+#: the terms of the other distillation methods (``configs/method_*.json``), logged when the objective uses them
+METHOD_TERMS = ("loss_logit", "loss_proto", "loss_feat")
 
 
 def loss_terms(output: Mapping | list) -> dict[str, float]:
@@ -38,7 +41,7 @@ def loss_terms(output: Mapping | list) -> dict[str, float]:
         if not output:
             return {}
         output = output[0]
-    return {key: float(output[key]) for key in LOSS_TERMS}
+    return {key: float(output[key]) for key in LOSS_TERMS + tuple(k for k in METHOD_TERMS if k in output)}
 
 
 class KDTrainer(SupervisedTrainer):
@@ -77,6 +80,7 @@ class KDTrainer(SupervisedTrainer):
         student_bottleneck: str = "bottleneck",
         teacher_logits_key: str = "teacher_logits",
         teacher_bottleneck_key: str = "teacher_bottleneck",
+        teacher_features_key: str = "teacher_features",
         **kwargs: Any,
     ) -> None:
         if not isinstance(loss_function, KDNetObjective):
@@ -98,7 +102,25 @@ class KDTrainer(SupervisedTrainer):
         )
         self.teacher_logits_key = teacher_logits_key
         self.teacher_bottleneck_key = teacher_bottleneck_key
+        self.teacher_features_key = teacher_features_key
         self.student_hook = BottleneckHook(network, student_bottleneck) if loss_function.needs_bottlenecks else None
+        # the decoder levels other distillation methods compare; none for KD-Net's own terms
+        levels = loss_function.feature_levels
+        self.student_features = FeatureHooks(network, levels) if levels else None
+
+    def _teacher_features(self, engine: KDTrainer, batchdata: Any) -> dict[str, torch.Tensor] | None:
+        """``batchdata[teacher_features_key]`` (``{level: tensor}``) on the trainer's device, when the objective needs it."""
+        if self.student_features is None:
+            return None
+        features = batchdata.get(self.teacher_features_key) if isinstance(batchdata, Mapping) else None
+        if not isinstance(features, Mapping):
+            raise KeyError(
+                f"the batch has no {self.teacher_features_key!r} (the teacher's features at "
+                f"{list(self.student_features.hooks)}), which this distillation method needs: run the teacher online "
+                "(teacher_mode online; the cache holds logits and bottleneck only) with FrozenTeacher's feature_levels."
+            )
+        device = engine.state.device
+        return {k: v if v.device == device else v.to(device, non_blocking=engine.non_blocking) for k, v in features.items()}
 
     def _teacher_tensor(self, engine: KDTrainer, batchdata: Any, key: str, needed: bool) -> torch.Tensor | None:
         """``batchdata[key]`` on the trainer's device, or ``None`` when the objective does not need it."""
@@ -151,11 +173,14 @@ class KDTrainer(SupervisedTrainer):
         teacher_bottleneck = self._teacher_tensor(
             engine, batchdata, self.teacher_bottleneck_key, objective.needs_bottlenecks
         )
+        teacher_features = self._teacher_features(engine, batchdata)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
         def _compute_pred_loss() -> None:
             if self.student_hook is not None:
                 self.student_hook.clear()  # never reuse the previous step's bottleneck
+            if self.student_features is not None:
+                self.student_features.clear()
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = objective(
@@ -164,9 +189,14 @@ class KDTrainer(SupervisedTrainer):
                 teacher_logits=teacher_logits,
                 student_bottleneck=self.student_hook.output if self.student_hook is not None else None,
                 teacher_bottleneck=teacher_bottleneck,
+                **(
+                    {"student_features": self.student_features.outputs, "teacher_features": teacher_features}
+                    if self.student_features is not None
+                    else {}
+                ),
             )
             engine.state.output[Keys.LOSS] = terms[Keys.LOSS].mean()
-            for key in LOSS_TERMS[1:]:
+            for key in LOSS_TERMS[1:] + tuple(k for k in METHOD_TERMS if k in terms):
                 engine.state.output[key] = terms[key].detach()  # for logging only: no graph, no host sync
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
