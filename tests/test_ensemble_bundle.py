@@ -249,15 +249,16 @@ def test_inference_defaults_are_the_submissions_post_processing():
 
 
 def test_evaluation_keeps_one_et_rule_for_every_model_of_a_table():
-    """Evaluation defaults stay comparable: no ET post-processing for any member, the ensemble or the students
-    (the experiment runner sets one value for all); the ensemble is evaluated as it pseudo-labels (TTA)."""
+    """Evaluation defaults stay comparable: no ET post-processing and no flips for any member, the ensemble or the
+    students (the experiment runner sets one value for all), while inference and pseudo-labelling use both."""
     from tests.bundle_runner import BUNDLES
 
     member = bundle_config(ENSEMBLE, ["train.json", "member_unet.json", "evaluate.json"])
     ensemble = bundle_config(ENSEMBLE, ["train.json", "evaluate.json", "evaluate_ensemble.json"])
     student = bundle_config(BUNDLES / "omni_student", ["train.json", "evaluate.json"])
     assert {p.get_parsed_content("et_min_voxels") for p in (member, ensemble, student)} == {0}
-    assert ensemble.get_parsed_content("tta_enabled") is True
+    assert ensemble.get_parsed_content("tta_enabled") is False
+    assert len(ensemble.get_parsed_content("ensemble_pred_keys")) == 3  # one output per member
 
 
 # ---------------------------------------------------------------------------------------------
