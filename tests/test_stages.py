@@ -28,9 +28,9 @@ def test_an_unknown_override_stops_the_stage_before_it_launches(tmp_path, monkey
 
     monkeypatch.setattr(subprocess, "Popen", record)
     with pytest.raises(UnknownOverride) as err:
-        run_stage(stage(tmp_path, epochs=1, activation="softmax"))
+        run_stage(stage(tmp_path, epochs=1, activaton="softmax"))  # misspelt: monai.bundle run would ignore it
     message = str(err.value)
-    assert "'activation'" in message and "'epochs'" not in message, "names the unknown key only"
+    assert "'activaton'" in message and "'epochs'" not in message, "names the unknown key only"
     assert "bundle 'teacher'" in message and "configs/train.json, configs/baseline.json" in message
     assert not launched and not (tmp_path / "stage").exists(), "nothing may run or be written"
 
