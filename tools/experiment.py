@@ -386,6 +386,7 @@ def kdnet(
     et_min_voxels: int = 0,
     jobs: int | None = None,
     activation: str = "sigmoid",
+    device: str | None = None,
     official_metrics: bool = False,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
@@ -406,10 +407,12 @@ def kdnet(
             depend on the threads per stage, so compare runs made with the same ``--jobs``.
         activation: the network head of teacher, baseline and student: ``sigmoid`` (3 region channels TC/WT/ET)
             or ``softmax`` (4 exclusive classes, KD-Net's Eq. 1 as written).
+        device: ``cuda``: every bundle run merges its ``configs/gpu.json`` (use ``--jobs 1``: one GPU).
         official_metrics: after the evaluations, also score every saved label map with the BraTS challenge's own
             scorer (``tools.official_metrics``; its venv from ``tools/brats_eval_env.sh``) and add its lesion-wise
             Dice and HD95 to the report.
     """
+    check_device(device)
     if official_metrics:
         official_metrics_module.scorer_python()  # a missing scorer venv fails now, not after the trainings
     if teacher_mode not in ("online", "cached"):
@@ -427,7 +430,7 @@ def kdnet(
         seed,
         run_folds,
         {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels,
-         "activation": activation, **parallelism(jobs)},
+         "activation": activation, "device": device, **parallelism(jobs)},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
@@ -446,7 +449,7 @@ def kdnet(
             if model.teacher is not None and teacher_mode == "cached":
                 train.needs += (cache.name,)
             stages += [train, evaluate] + ([postprocessed_evaluation(evaluate, et_min_voxels)] if et_min_voxels else [])
-    run_stages(stages, root, parallelism(jobs)["jobs"])
+    run_stages(use_gpu_configs(stages, device), root, parallelism(jobs)["jobs"])
     if official_metrics:
         official_metrics_module.score_experiment(str(root), parallelism(jobs)["jobs"])
     from tools.report import write_report
@@ -559,6 +562,7 @@ def omni(
     run_folds=None,
     jobs: int | None = None,
     seeds=None,
+    device: str | None = None,
 ) -> str:
     """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
 
@@ -573,15 +577,17 @@ def omni(
         seeds: repeat the whole experiment on these data seeds (e.g. ``[0,1]``; ``--seed`` is then not used), each
             in ``<out>/seed<s>`` with its own phantom, split and training seed; the report in ``out`` pools every
             (seed, fold) run: mean ± std over those runs, paired tests over all their test cases.
+        device: ``cuda``: every bundle run built on train.json merges its ``configs/gpu.json``, as for ``kdnet``.
     """
+    check_device(device)
     if seeds is not None:
-        return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs)
-    options = {"run_folds": run_folds, **parallelism(jobs)}
+        return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs, device)
+    options = {"run_folds": run_folds, "device": device, **parallelism(jobs)}
     root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, options)
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
     stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed)]
-    run_stages(stages, root, parallelism(jobs)["jobs"])
+    run_stages(use_gpu_configs(stages, device), root, parallelism(jobs)["jobs"])
     from tools.report import write_report
 
     report = write_report(root)
@@ -598,14 +604,16 @@ def data_seeds(seeds) -> list[int]:
     return values
 
 
-def omni_over_seeds(data: str, out: str, preset: str, folds: int | None, seeds, run_folds, jobs: int | None) -> str:
+def omni_over_seeds(
+    data: str, out: str, preset: str, folds: int | None, seeds, run_folds, jobs: int | None, device: str | None = None
+) -> str:
     """:func:`omni` once per data seed into ``<out>/seed<s>``, then one report over every (seed, fold) run in ``out``."""
     chosen = data_seeds(seeds)
     options = {"run_folds": run_folds, "seeds": chosen, **parallelism(jobs)}
     root = _start("omni", data, out, preset, folds, chosen, run_folds, options)[0]
     start = time.monotonic()
     for seed in chosen:
-        omni(data, str(root / f"seed{seed}"), preset, folds, seed, run_folds, jobs)
+        omni(data, str(root / f"seed{seed}"), preset, folds, seed, run_folds, jobs, device=device)
     from tools.report import write_report
 
     report = write_report(root)
