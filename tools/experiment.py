@@ -230,9 +230,9 @@ def environment() -> dict:
 def default_jobs() -> int:
     """Stages run side by side by default: 2 where there are at least 2 CPU cores, else 1.
 
-    Measured on 2 cores (docs/performance.md): two 1-thread trainings side by side finish sooner than
-    the same two one after the other with 2 threads each, because a small 3-D network does not keep
-    2 threads busy. On a GPU the stages share one device, so ``--jobs 1`` is the better choice there.
+    The quick preset's small 3-D networks do not keep 2 threads busy, so two 1-thread stages side by
+    side use 2 cores better than one 2-thread stage (docs/performance.md has the measured wall times).
+    On a GPU the stages share one device, so ``--jobs 1`` is the better choice there.
     """
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
@@ -407,12 +407,13 @@ def kdnet(
             depend on the threads per stage, so compare runs made with the same ``--jobs``.
         activation: the network head of teacher, baseline and student: ``sigmoid`` (3 region channels TC/WT/ET)
             or ``softmax`` (4 exclusive classes, KD-Net's Eq. 1 as written).
-        device: ``cuda``: every bundle run merges its ``configs/gpu.json`` (use ``--jobs 1``: one GPU).
+        device: ``cuda``: every bundle run merges its ``configs/gpu.json``; ``--jobs`` defaults to 1 (one GPU).
         official_metrics: after the evaluations, also score every saved label map with the BraTS challenge's own
             scorer (``tools.official_metrics``; its venv from ``tools/brats_eval_env.sh``) and add its lesion-wise
             Dice and HD95 to the report.
     """
     check_device(device)
+    jobs = 1 if jobs is None and device == "cuda" else jobs  # one GPU: stages one at a time
     if official_metrics:
         official_metrics_module.scorer_python()  # a missing scorer venv fails now, not after the trainings
     if teacher_mode not in ("online", "cached"):
@@ -580,6 +581,7 @@ def omni(
         device: ``cuda``: every bundle run built on train.json merges its ``configs/gpu.json``, as for ``kdnet``.
     """
     check_device(device)
+    jobs = 1 if jobs is None and device == "cuda" else jobs  # one GPU: stages one at a time
     if seeds is not None:
         return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs, device)
     options = {"run_folds": run_folds, "device": device, **parallelism(jobs)}
@@ -624,7 +626,7 @@ def omni_over_seeds(
 def main() -> None:
     try:
         fire.Fire({"kdnet": kdnet, "omni": omni}, name="python -m tools.experiment")
-    except (StageFailed, FolderBusy) as err:
+    except (StageFailed, FolderBusy, official_metrics_module.ScorerFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except DatasetError as err:
