@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_runner import BUNDLES, BundleRunError, bundle_command, bundle_config, log_tail
+from tests.bundle_runner import BUNDLES, BundleRunError, bundle_command, bundle_config, log_tail, run_commands
+from tests.conftest import build_once
 
 ENSEMBLE = BUNDLES / "ensemble"
 MEMBERS = ("unet", "resunet", "cascade")
@@ -35,25 +35,17 @@ ENSEMBLE_TINY = {
     "num_workers": 0,
 }
 
-_SESSION: dict[str, object] = {}
-
-
 def run_parallel(jobs: dict[str, tuple], check: bool = True) -> dict[str, subprocess.CompletedProcess]:
     """Run several ``monai.bundle run`` commands at once, one torch thread each (2 CPU cores).
 
-    ``jobs``: name → ``(bundle, configs, cwd, overrides)``. With ``check`` a non-zero exit raises
-    :class:`BundleRunError` with the command and the tail of its log.
+    ``jobs``: name → ``(bundle, configs, cwd, overrides)``; each log is ``<cwd>/<name>.log``. Every command runs
+    in its own process group and is killed whole after 600 s (``tests.bundle_runner.run_commands``). With
+    ``check`` a non-zero exit raises :class:`BundleRunError` with the command and the tail of its log.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    started = {}
-    for name, (bundle, configs, cwd, overrides) in jobs.items():
-        command = bundle_command(bundle, configs, **overrides)
-        proc = subprocess.Popen(command, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        started[name] = (command, proc)
-    results = {}
-    for name, (command, proc) in started.items():
-        out, _ = proc.communicate(timeout=600)
-        results[name] = subprocess.CompletedProcess(command, proc.returncode, out)
+    commands = {
+        name: (bundle_command(bundle, configs, **overrides), cwd) for name, (bundle, configs, cwd, overrides) in jobs.items()
+    }
+    results = run_commands(commands, parallel=len(commands), timeout=600)
     if check:
         for name, result in results.items():
             if result.returncode != 0:
@@ -65,10 +57,11 @@ def run_parallel(jobs: dict[str, tuple], check: bool = True) -> dict[str, subpro
 
 
 def trained_members(tmp_path_factory, datalist) -> Path:
-    """``models_dir`` holding ``<member>/model.pt`` and ``checkpoint.pt`` after one epoch of each member
-    on fold 0 (trained once per session; treat as read-only). The logs are in ``_SESSION``."""
-    if "models_dir" not in _SESSION:
-        work = tmp_path_factory.mktemp("ensemble")
+    """``models_dir`` holding ``<member>/model.pt`` and ``checkpoint.pt`` after one epoch of each member on
+    fold 0, trained once per test run for every xdist worker (treat as read-only); each member's training log
+    is ``<models_dir>/../<member>.log``."""
+
+    def train(work: Path) -> None:
         jobs = {
             member: (
                 ENSEMBLE,
@@ -79,10 +72,10 @@ def trained_members(tmp_path_factory, datalist) -> Path:
             )
             for member in MEMBERS
         }
-        results = run_parallel(jobs)
-        _SESSION["train_logs"] = {m: r.stdout for m, r in results.items()}
-        _SESSION["models_dir"] = work / "models"
-    return _SESSION["models_dir"]
+        run_parallel(jobs)
+
+    key = {"members": MEMBERS, "tiny": ENSEMBLE_TINY, "datalist": str(datalist), "epochs": 1}
+    return build_once(tmp_path_factory, "ensemble-members", key, train) / "models"
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +268,7 @@ def test_each_member_trains_one_epoch_and_saves_its_own_checkpoint(models_dir):
             assert not [k for k in state["model"] if k.startswith("vae_")]
             resume = torch.load(models_dir / member / "checkpoint.pt", map_location="cpu", weights_only=True)
             assert any(k.startswith("vae_fc1.") for k in resume["model"])
-        log = _SESSION["train_logs"][member]
+        log = (models_dir.parent / f"{member}.log").read_text()
         assert "Epoch: 1/1" in log and "val_mean_dice" in log
 
 
