@@ -12,24 +12,10 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 venv="${BRATS_EVAL_VENV:-$root/.venv-brats-eval}"
-python="${PYTHON:-python3}"
-requirements="$root/requirements-brats-eval.txt"
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum "$requirements" | cut -d' ' -f1)"
-
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    echo "BraTS-evaluation venv is up to date: $venv"
-    exit 0
-fi
-
-echo "Creating the BraTS-evaluation venv in $venv (about 0.9 GB installed)"
-rm -f "$stamp"
-"$python" -m venv "$venv"
-# never let git see the venv, wherever it is created (Python 3.13's venv does the same)
-printf '*\n' > "$venv/.gitignore"
-"$venv/bin/pip" install -q -r "$requirements"
+# shellcheck source=tools/stamped_venv.sh
+source "$root/tools/stamped_venv.sh"
 # the two commands tools/official_metrics.py runs, and the bundled glioma config it uses
-"$venv/bin/python" - <<'PY'
+stamped_venv "BraTS-evaluation" "$venv" "$root/requirements-brats-eval.txt" "about 0.9 GB installed" <<'PY'
 from importlib.metadata import version
 
 import brats_evaluation.evaluation
@@ -38,4 +24,3 @@ from brats_evaluation import config_path
 
 print(f"BraTS-evaluation {version('BraTS-evaluation')}, panoptica {version('panoptica')}; config: {config_path('gli')}")
 PY
-echo "$want" > "$stamp"

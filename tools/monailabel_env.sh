@@ -11,23 +11,9 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 venv="${MONAILABEL_VENV:-$root/.venv-monailabel}"
-python="${PYTHON:-python3}"
-requirements="$root/requirements-monailabel.txt"
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum "$requirements" | cut -d' ' -f1)"
-
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    echo "MONAI Label venv is up to date: $venv"
-    exit 0
-fi
-
-echo "Creating the MONAI Label venv in $venv (several minutes: ~7.5 GB installed)"
-rm -f "$stamp"
-"$python" -m venv "$venv"
-# never let git see the venv, wherever it is created (Python 3.13's venv does the same)
-printf '*\n' > "$venv/.gitignore"
-"$venv/bin/pip" install -q -r "$requirements"
-"$venv/bin/python" - <<'PY'
+# shellcheck source=tools/stamped_venv.sh
+source "$root/tools/stamped_venv.sh"
+stamped_venv "MONAI Label" "$venv" "$root/requirements-monailabel.txt" "several minutes: ~7.5 GB installed" <<'PY'
 import sys
 from pathlib import Path
 
@@ -40,4 +26,3 @@ if not app.is_file():
     sys.exit(f"monailabel's monaibundle sample app is missing: {app}")
 print(f"monailabel {monailabel.__version__}, monai {monai.__version__}, torch {torch.__version__}; app: {app.parent}")
 PY
-echo "$want" > "$stamp"
