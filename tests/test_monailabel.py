@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from tests.bundle_runner import BUNDLES, ROOT, bundle_config, kill_group, log_tail
+from tests.conftest import python_of_venv
 from tools.package import build
 
 pytestmark = pytest.mark.slow
@@ -100,13 +101,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, email.message.E
 
 @pytest.fixture(scope="module")
 def monailabel_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not python.is_file():
-        hint = f"run tools/monailabel_env.sh to create it (or set MONAILABEL_VENV); looked for {python}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the MONAI Label venv is missing: {hint}")
-        pytest.skip(f"MONAI Label venv absent: {hint}")
-    return python
+    return python_of_venv(VENV, "MONAI Label", "monailabel_env.sh", "MONAILABEL_VENV")
 
 
 @pytest.fixture(scope="module")

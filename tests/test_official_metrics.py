@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from tests.bundle_runner import ROOT, run_bundle, run_command
+from tests.conftest import python_of_venv
 from tools import official_metrics
 from tools.official_metrics import CSV_NAME, HD95_PENALTY_MM, OfficialMetricsError, ScorerMissing, score
 
@@ -38,12 +39,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def scorer_venv() -> str:
-    python = VENV / "bin" / "python"
-    if not python.is_file():
-        hint = f"run tools/brats_eval_env.sh to create it (or set BRATS_EVAL_VENV); looked for {python}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the BraTS-evaluation venv is missing: {hint}")
-        pytest.skip(f"BraTS-evaluation venv absent: {hint}")
+    python_of_venv(VENV, "BraTS-evaluation", "brats_eval_env.sh", "BRATS_EVAL_VENV")
     return str(VENV)
 
 
