@@ -422,6 +422,7 @@ def kdnet(
         raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
     if isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, int) or et_min_voxels < 0:
         raise ValueError(f"--et_min_voxels must be a whole number >= 0 (0 = off), got {et_min_voxels!r}")
+    parallel = parallelism(jobs)  # a bad --jobs fails here, before anything is written
     root, chosen, num_folds, fold_list = _start(
         "kdnet",
         data,
@@ -431,7 +432,7 @@ def kdnet(
         seed,
         run_folds,
         {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels,
-         "activation": activation, "device": device, **parallelism(jobs)},
+         "activation": activation, "device": device, **parallel},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
@@ -450,9 +451,9 @@ def kdnet(
             if model.teacher is not None and teacher_mode == "cached":
                 train.needs += (cache.name,)
             stages += [train, evaluate] + ([postprocessed_evaluation(evaluate, et_min_voxels)] if et_min_voxels else [])
-    run_stages(use_gpu_configs(stages, device), root, parallelism(jobs)["jobs"])
+    run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
     if official_metrics:
-        official_metrics_module.score_experiment(str(root), parallelism(jobs)["jobs"])
+        official_metrics_module.score_experiment(str(root), parallel["jobs"])
     from tools.report import write_report
 
     report = write_report(root)
@@ -584,12 +585,13 @@ def omni(
     jobs = 1 if jobs is None and device == "cuda" else jobs  # one GPU: stages one at a time
     if seeds is not None:
         return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs, device)
-    options = {"run_folds": run_folds, "device": device, **parallelism(jobs)}
+    parallel = parallelism(jobs)
+    options = {"run_folds": run_folds, "device": device, **parallel}
     root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, options)
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
     stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed)]
-    run_stages(use_gpu_configs(stages, device), root, parallelism(jobs)["jobs"])
+    run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
     from tools.report import write_report
 
     report = write_report(root)
