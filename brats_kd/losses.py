@@ -71,18 +71,29 @@ class GTLoss(_Loss):
     Why not ``DiceCELoss`` for the sigmoid head: with several channels it uses the softmax cross-entropy,
     wrong for overlapping regions.
 
+    With ``batch=True`` (nnU-Net's "batch Dice") the Dice sums run over the batch and the voxels, one Dice
+    per channel: ``mean_c(1 - (2 sum_{b,voxels}(p_c y_c) + eps) / (sum_{b,voxels} p_c + sum_{b,voxels} y_c + eps))``.
+    Why: with the per-sample form, a case without a region (e.g. no enhancing tumour, as in many lower-grade
+    gliomas) has an empty ``y_c``: its Dice is ``eps / (sum(p_c) + eps) ≈ 0`` whatever is predicted, a
+    constant loss without gradient, so only the cross-entropy discourages false positives there; summed
+    over the batch, false positives on that case lower the Dice of the region like any other.
+
     Args:
         activation: ``"sigmoid"`` (3 region channels) or ``"softmax"`` (4 classes).
         smooth_nr, smooth_dr: ``eps`` of the Dice numerator and denominator.
+        batch: Dice over the whole batch (``True``) or per sample, then averaged (``False``, MONAI's default).
     """
 
-    def __init__(self, activation: str = "sigmoid", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
+    def __init__(
+        self, activation: str = "sigmoid", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False
+    ) -> None:
         super().__init__()
         self.activation = check_activation(activation)
+        common = {"smooth_nr": smooth_nr, "smooth_dr": smooth_dr, "batch": bool(batch)}
         if self.activation == "sigmoid":
-            self.loss = DiceFocalLoss(sigmoid=True, gamma=0.0, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+            self.loss = DiceFocalLoss(sigmoid=True, gamma=0.0, **common)
         else:
-            self.loss = DiceCELoss(softmax=True, to_onehot_y=True, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+            self.loss = DiceCELoss(softmax=True, to_onehot_y=True, **common)
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """

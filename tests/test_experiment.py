@@ -168,6 +168,13 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     assert result.returncode == 2 and "unknown preset 'nope'" in result.stderr and "Traceback" not in result.stderr
     result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "y"), "--folds", "2", "--run_folds", "5")
     assert result.returncode == 2 and "--run_folds" in result.stderr and "Traceback" not in result.stderr
+    result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "z"), "--methods", "kdnet,hintn")
+    assert result.returncode == 2 and "no kd_student config for 'hintn'" in result.stderr and "Traceback" not in result.stderr
+    assert "hinton" in result.stderr, "the error lists the known methods"
+    assert not (tmp_path / "z").exists(), "nothing written for a bad --methods"
+    result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "t"), "--teacher_epochs", "0")
+    assert result.returncode == 2 and "--teacher_epochs must be a whole number >= 1" in result.stderr
+    assert not (tmp_path / "t").exists(), "nothing written for a bad --teacher_epochs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +215,7 @@ def kdnet_ablation(kdnet_smoke, tmp_path_factory) -> Path:
         shutil.copytree(kdnet_smoke / "fold0" / model, out / "fold0" / model, ignore=shutil.ignore_patterns("evaluate_et*"))
     result = run_experiment(
         "kdnet", "--data", "synthetic", "--preset", "smoke", "--run_folds", "0", "--ablation", "--teacher_mode", "cached",
-        "--out", str(out),
+        "--methods", "kdnet,gt_kd,kdnet_kl_channel", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -233,6 +240,28 @@ def test_ablation_with_cached_targets_reports_every_table2_row_as_its_summary_va
     # the copied stages were not run again (one "$ " command line each), the Table 2 models were
     for model in ("teacher", "baseline"):
         assert (kdnet_ablation / "fold0" / model / "train" / "log.txt").read_text().count("$ ") == 1
+
+
+def test_methods_add_one_table1_row_each_from_the_same_teacher(kdnet_ablation):
+    """``--methods kdnet,gt_kd,kdnet_kl_channel``: ``kdnet`` is the student row and ``gt_kd`` the Table 2 row
+    (not trained twice); ``kdnet_kl_channel`` is a new row of Table 1 whose cells are its summary values,
+    trained with its method file on the fold's teacher, and compared with the baseline case by case."""
+    report = (kdnet_ablation / "report.md").read_text()
+    rows = {r[0]: r[1:] for r in markdown_rows(report, "## KD-Net Table 1")}
+    label = "KD student, variant `kdnet_kl_channel`"
+    assert label in rows and "KD student, variant `gt_kd`" not in rows, "gt_kd is Table 2's GT+KD row"
+    summary = json.loads((kdnet_ablation / "summary.json").read_text())
+    stats = summary["aggregate"]["student_kdnet_kl_channel"]
+    assert rows[label][:3] == [f"{stats[f'dice_{r}']['mean']:.3f}" for r in ("et", "tc", "wt")]
+    config = json.loads((kdnet_ablation / "fold0" / "student_kdnet_kl_channel" / "train" / "config.json").read_text())
+    assert config["kl_normalisation"] == "channel" and config["lambda_kd"] == 0.75 and config["alpha_kl"] == 10.0
+    teacher = kdnet_ablation / "fold0" / "teacher" / "models" / "model.pt"
+    assert Path(config["teacher_ckpt"]) == teacher
+    compared = {(t["model"], t["reference"]) for t in summary["paired_tests"]}
+    assert ("student_kdnet_kl_channel", "baseline") in compared
+    trained = sorted(p.parent.parent.name for p in kdnet_ablation.glob("fold0/student*/train/log.txt"))
+    assert "student_kdnet_kl_channel" in trained and "student_kdnet" not in trained
+    assert (kdnet_ablation / "fold0" / "student_gt_kd" / "train" / "log.txt").read_text().count("$ ") == 1
 
 
 def test_ablation_students_train_on_the_cached_targets_of_their_own_teacher(kdnet_ablation):

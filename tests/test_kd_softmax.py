@@ -163,6 +163,38 @@ def test_gt_loss_sigmoid_is_dice_plus_bce_on_the_regions_by_hand():
     assert got == reference
 
 
+def test_gt_loss_batch_dice_sums_over_the_batch_by_hand():
+    """``batch=True``: one Dice per region over both samples. Sample 1 has no ET and predicts some: per sample,
+    its ET Dice is ~0 whatever is predicted (empty reference), so only the BCE pushes its false ET down; the
+    batch Dice adds a gradient there."""
+    regions = [[[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]]  # [b][region][voxel]
+    logits = [[[1.0, -1.0], [2.0, 0.5], [2.0, -2.0]], [[0.5, -1.0], [1.0, -2.0], [1.5, 0.0]]]
+    p = [[[_sigmoid(x) for x in row] for row in sample] for sample in logits]
+
+    def batch_dice(c):
+        inter = sum(p[b][c][v] * regions[b][c][v] for b in range(2) for v in range(2))
+        denominator = sum(p[b][c][v] + regions[b][c][v] for b in range(2) for v in range(2))
+        return (2 * inter + EPS) / (denominator + EPS)
+
+    dice = sum(batch_dice(c) for c in range(3)) / 3
+    bce = [
+        -(y * math.log(pp) + (1 - y) * math.log(1 - pp))
+        for b in range(2) for c in range(3) for y, pp in zip(regions[b][c], p[b][c])
+    ]  # fmt: skip
+    logits_t, regions_t = torch.tensor(logits), torch.tensor(regions)
+    got = GTLoss(batch=True)(logits_t, regions_t).item()
+    assert got == pytest.approx((1 - dice) + sum(bce) / len(bce), rel=1e-5)
+    # gradient on sample 1's false ET logits: per sample it is the BCE's alone, (sigmoid(f) - 0) / 12 elements
+    bce_only = torch.sigmoid(logits_t[1, 2]) / 12
+    grads = {}
+    for batch in (False, True):
+        leaf = logits_t.clone().requires_grad_()
+        GTLoss(batch=batch)(leaf, regions_t).backward()
+        grads[batch] = leaf.grad[1, 2]
+    assert torch.allclose(grads[False], bce_only, atol=1e-6)
+    assert bool((grads[True] > bce_only + 5e-3).all())
+
+
 def test_gt_loss_names_a_head_and_label_mismatch():
     with pytest.raises(ValueError, match="4 channels.*activation"):
         GTLoss(activation="softmax")(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))

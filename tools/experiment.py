@@ -64,6 +64,49 @@ KDNET_ABLATION_MODELS = (
     ),
     Model("student_skip0", "kd_student", (TRAIN, "configs/skip0.json"), teacher="teacher_skip0"),
 )
+DEFAULT_METHOD = "kdnet"  # the ``student`` row: kd_student's train.json as it is (KD-Net, the paper's losses)
+
+
+TEACHERS = ("teacher", "teacher_skip0")  # the 4-modality models the students distil from
+
+
+def check_teacher_epochs(teacher_epochs, preset: Preset) -> int:
+    """``--teacher_epochs``, else the preset's ``teacher_epochs``, else its ``epochs``: a whole number >= 1."""
+    value = teacher_epochs if teacher_epochs is not None else (preset.teacher_epochs or preset.epochs)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--teacher_epochs must be a whole number >= 1, got {teacher_epochs!r}")
+    return value
+
+
+def method_models(methods) -> tuple[Model, ...]:
+    """``--methods``: one KD student row per named loss configuration of kd_student, same folds, same teacher.
+
+    ``kdnet`` is the default student (row ``student``); any other name ``m`` is the override file
+    ``configs/method_<m>.json`` (``hinton``, ``protokd``, ``features``, the KD-Net variants
+    ``kdnet_kl_channel`` ...) or, failing that, the Table 2 file ``configs/ablation_<m>.json`` (``gt_kd``,
+    ``gt_kl``), trained as row ``student_<m>``. Unknown names fail before anything is written.
+    """
+    if methods is None:
+        return ()
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
+    if not names or any(not n for n in names) or len(set(names)) < len(names):
+        raise ValueError(f"--methods must be distinct names separated by commas, e.g. kdnet,hinton; got {methods!r}")
+    configs = ROOT / "bundles" / "kd_student" / "configs"
+    models = []
+    for name in names:
+        if name == DEFAULT_METHOD:
+            continue  # the student row every kdnet experiment trains
+        candidates = [f"configs/method_{name}.json", f"configs/ablation_{name}.json"]
+        found = next((c for c in candidates if (configs.parent / c).is_file()), None)
+        if found is None:
+            known = sorted(
+                [p.stem[len("method_") :] for p in configs.glob("method_*.json")]
+                + [p.stem[len("ablation_") :] for p in configs.glob("ablation_gt_k*.json")]
+            )
+            raise ValueError(f"--methods: no kd_student config for {name!r} ({' or '.join(candidates)}); "
+                             f"known: {DEFAULT_METHOD}, {', '.join(known)}")
+        models.append(Model(f"student_{name}", "kd_student", (TRAIN, found), teacher="teacher"))
+    return tuple(models)
 
 
 GPU_CONFIG = "configs/gpu.json"
@@ -388,6 +431,9 @@ def kdnet(
     activation: str = "sigmoid",
     device: str | None = None,
     official_metrics: bool = False,
+    methods=None,
+    teacher_epochs: int | None = None,
+    dice_batch: bool = False,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
@@ -411,8 +457,15 @@ def kdnet(
         official_metrics: after the evaluations, also score every saved label map with the BraTS challenge's own
             scorer (``tools.official_metrics``; its venv from ``tools/brats_eval_env.sh``) and add its lesion-wise
             Dice and HD95 to the report.
+        methods: more KD students from the same teachers, one report row each, e.g. ``kdnet,hinton,protokd``
+            (``kdnet`` is the default student; other names are kd_student's ``configs/method_<name>.json`` or
+            the Table 2 files ``configs/ablation_<name>.json``: ``gt_kd``, ``gt_kl``).
+        teacher_epochs: epochs of the 4-modality teachers (default: the preset's ``teacher_epochs``, else its
+            ``epochs``); baseline and students keep the preset's ``epochs``, so they stay comparable.
+        dice_batch: L_GT's Dice over the whole batch (nnU-Net's batch Dice) for every model of the table.
     """
     check_device(device)
+    extra_students = method_models(methods)  # an unknown method fails here, before anything is written
     jobs = 1 if jobs is None and device == "cuda" else jobs  # one GPU: stages one at a time
     if official_metrics:
         official_metrics_module.scorer_python()  # a missing scorer venv fails now, not after the trainings
@@ -422,7 +475,10 @@ def kdnet(
         raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
     if isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, int) or et_min_voxels < 0:
         raise ValueError(f"--et_min_voxels must be a whole number >= 0 (0 = off), got {et_min_voxels!r}")
+    if not isinstance(dice_batch, bool):
+        raise ValueError(f"--dice_batch must be True or False, got {dice_batch!r}")
     parallel = parallelism(jobs)  # a bad --jobs fails here, before anything is written
+    chosen_teacher_epochs = check_teacher_epochs(teacher_epochs, get_preset(preset))
     root, chosen, num_folds, fold_list = _start(
         "kdnet",
         data,
@@ -432,16 +488,21 @@ def kdnet(
         seed,
         run_folds,
         {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels,
-         "activation": activation, "device": device, **parallel},
+         "activation": activation, "device": device, "methods": methods, "teacher_epochs": chosen_teacher_epochs,
+         "dice_batch": dice_batch, **parallel},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
     models = KDNET_MODELS + (KDNET_ABLATION_MODELS if ablation else ())
+    models += tuple(m for m in extra_students if m.name not in {known.name for known in models})
     stages = []
     for fold in fold_list:
         for model in models:
             extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
             extra["activation"] = activation  # one head for teacher, baseline and student (a student checks its teacher's)
+            extra["dice_batch"] = dice_batch
+            if model.name in TEACHERS:
+                extra["epochs"] = chosen_teacher_epochs
             if model.teacher is not None and teacher_mode == "cached":
                 # one cache per teacher and fold, shared by the students of that teacher
                 extra["teacher_cache_dir"] = str(model_dir(root, fold, model.teacher) / "teacher_cache")

@@ -21,6 +21,8 @@ class Preset:
     bundle: dict = field(default_factory=dict)
     # Extra values for the ensemble / omni-student bundles (patch-based, native resolution).
     patch_bundle: dict = field(default_factory=dict)
+    # Epochs of the KD-Net teachers when they differ from ``bundle["epochs"]`` (baseline and students keep those).
+    teacher_epochs: int | None = None
 
     @property
     def epochs(self) -> int:
