@@ -3,6 +3,7 @@
     python -m tools.experiment kdnet --data synthetic --preset quick --out runs/quick
     python -m tools.experiment kdnet --data /data/BraTS2018 --folds 3 --preset paper --out runs/kd --ablation
     python -m tools.experiment omni --data synthetic --preset quick --out runs/omni
+    python -m tools.experiment missing --data synthetic --preset quick --out runs/missing --subsets "flair t1,t2"
 
 Every model is trained and evaluated by running its bundle (``monai.bundle run`` with overrides);
 nothing here re-implements their logic. A rerun with the same ``--out`` skips the stages whose
@@ -495,31 +496,117 @@ def kdnet(
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
     models = KDNET_MODELS + (KDNET_ABLATION_MODELS if ablation else ())
     models += tuple(m for m in extra_students if m.name not in {known.name for known in models})
+    stages = kd_stages(models, root, fold_list, datalist, chosen, seed, teacher_mode=teacher_mode, activation=activation,
+                       dice_batch=dice_batch, teacher_epochs=chosen_teacher_epochs, et_min_voxels=et_min_voxels)
+    run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
+    if official_metrics:
+        official_metrics_module.score_experiment(str(root), parallel["jobs"])
+    return _finish_report(root, start)
+
+
+def kd_stages(
+    models, root: Path, fold_list: list[int], datalist: Path, preset: Preset, seed: int, *, teacher_mode: str = "online",
+    activation: str = "sigmoid", dice_batch: bool = False, teacher_epochs: int | None = None, et_min_voxels: int = 0,
+) -> list[Stage]:
+    """Per fold, the stages of the KD-Net-style ``models`` (teachers, baselines and KD students of the teacher and
+    kd_student bundles), in a valid schedule: training and evaluation of each, a teacher cache per teacher and fold
+    with ``teacher_mode="cached"``, and the ET-post-processed evaluation with ``et_min_voxels``. The 4-modality
+    teachers (:data:`TEACHERS`) train ``teacher_epochs`` (None: the preset's ``epochs``)."""
     stages = []
     for fold in fold_list:
         for model in models:
             extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
             extra["activation"] = activation  # one head for teacher, baseline and student (a student checks its teacher's)
             extra["dice_batch"] = dice_batch
-            if model.name in TEACHERS:
-                extra["epochs"] = chosen_teacher_epochs
+            if model.name in TEACHERS and teacher_epochs is not None:
+                extra["epochs"] = teacher_epochs
             if model.teacher is not None and teacher_mode == "cached":
                 # one cache per teacher and fold, shared by the students of that teacher
                 extra["teacher_cache_dir"] = str(model_dir(root, fold, model.teacher) / "teacher_cache")
-                cache = teacher_cache_stage(model, root, fold, datalist, chosen, seed, extra)
+                cache = teacher_cache_stage(model, root, fold, datalist, preset, seed, extra)
                 stages += [cache] if cache.name not in {s.name for s in stages} else []
-            train, evaluate = model_stages(model, root, fold, datalist, chosen, seed, extra)
+            train, evaluate = model_stages(model, root, fold, datalist, preset, seed, extra)
             if model.teacher is not None and teacher_mode == "cached":
                 train.needs += (cache.name,)
             stages += [train, evaluate] + ([postprocessed_evaluation(evaluate, et_min_voxels)] if et_min_voxels else [])
-    run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
-    if official_metrics:
-        official_metrics_module.score_experiment(str(root), parallel["jobs"])
+    return stages
+
+
+def _finish_report(root: Path, start: float) -> str:
     from tools.report import write_report
 
     report = write_report(root)
     print(f"report: {report} ({time.monotonic() - start:.0f} s)")
     return str(report)
+
+
+def missing_models(subsets) -> tuple[Model, ...]:
+    """The missing-modality experiment's rows: the 4-modality teacher, then per subset (:func:`tools.missing.parse_subsets`)
+    a baseline (the teacher bundle's baseline config with ``modalities`` = the subset) and a KD student (kd_student with
+    ``student_modalities`` = the subset) of that teacher. A subset ``t1ce`` gives exactly kdnet's baseline and student."""
+    from tools.missing import baseline_name, student_name
+
+    models = [KDNET_MODELS[0]]
+    for subset in subsets:
+        models += [
+            Model(baseline_name(subset), "teacher", (TRAIN, "configs/baseline.json"), overrides={"modalities": list(subset)}),
+            Model(student_name(subset), "kd_student", (TRAIN,), teacher="teacher",
+                  overrides={"student_modalities": list(subset)}),
+        ]
+    return tuple(models)
+
+
+def plan_missing(subsets="all") -> tuple[Model, ...]:
+    """``--subsets`` → the models of ``missing`` (checked; raises ValueError with the reason for a bad subset)."""
+    from tools.missing import parse_subsets
+
+    return missing_models(parse_subsets(subsets))
+
+
+def missing(
+    data: str = "synthetic",
+    out: str = "runs/missing",
+    preset: str = "quick",
+    subsets="all",
+    folds: int | None = None,
+    seed: int = 0,
+    run_folds=None,
+    jobs: int | None = None,
+    activation: str = "sigmoid",
+) -> str:
+    """Missing modalities: one 4-modality teacher per fold, then a baseline and a KD student per subset of T1, T1ce,
+    T2, FLAIR; the report's "Missing modalities" table (Dice ET/TC/WT of both, student − baseline, Wilcoxon p) and
+    heat map.
+
+    Args:
+        data: a BraTS folder (any layout ``tools.prepare`` knows) or ``synthetic`` for the built-in phantom.
+        out: experiment folder; rerunning with the same folder resumes (finished stages are skipped).
+        preset: ``smoke`` (tests), ``quick`` (CPU), ``paper`` (KD-Net's settings, for a GPU).
+        subsets: ``all`` (the 15 non-empty subsets, in ``tools.missing.ALL_SUBSETS`` order) or subsets separated by
+            spaces, modalities by commas: ``"flair t1,t2"``. Models ``baseline_<s>`` / ``student_<s>`` with ``<s>``
+            the modalities joined by ``+`` in the teacher's order (``student_t1+t2``).
+        folds: cross-validation folds (default: the preset's).
+        seed: seed of the phantom, the split, initialisation and augmentation.
+        run_folds: only these folds (e.g. ``0`` or ``[0,2]``); default all.
+        jobs: stages run side by side, as for ``kdnet`` (every student waits only for its fold's teacher).
+        activation: the network head of every model, ``sigmoid`` or ``softmax``, as for ``kdnet``.
+    """
+    from tools.missing import parse_subsets, subset_key
+
+    chosen_subsets = parse_subsets(subsets)  # a bad subset fails here, before anything is written
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
+    parallel = parallelism(jobs)
+    chosen_teacher_epochs = check_teacher_epochs(None, get_preset(preset))
+    options = {"subsets": [subset_key(s) for s in chosen_subsets], "run_folds": run_folds, "activation": activation,
+               "teacher_epochs": chosen_teacher_epochs, **parallel}
+    root, chosen, num_folds, fold_list = _start("missing", data, out, preset, folds, seed, run_folds, options)
+    start = time.monotonic()
+    datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
+    stages = kd_stages(missing_models(chosen_subsets), root, fold_list, datalist, chosen, seed, activation=activation,
+                       teacher_epochs=chosen_teacher_epochs)
+    run_stages(stages, root, parallel["jobs"])
+    return _finish_report(root, start)
 
 
 MEMBERS = ("unet", "resunet", "cascade")
@@ -653,11 +740,7 @@ def omni(
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
     stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed)]
     run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
-    from tools.report import write_report
-
-    report = write_report(root)
-    print(f"report: {report} ({time.monotonic() - start:.0f} s)")
-    return str(report)
+    return _finish_report(root, start)
 
 
 def data_seeds(seeds) -> list[int]:
@@ -688,7 +771,7 @@ def omni_over_seeds(
 
 def main() -> None:
     try:
-        fire.Fire({"kdnet": kdnet, "omni": omni}, name="python -m tools.experiment")
+        fire.Fire({"kdnet": kdnet, "omni": omni, "missing": missing}, name="python -m tools.experiment")
     except (StageFailed, FolderBusy, official_metrics_module.ScorerFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

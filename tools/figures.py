@@ -21,9 +21,13 @@ PREFERRED = ("baseline", "teacher", "student", "member_unet", "member_resunet", 
              "ensemble", "manual_student", "omni_student")
 
 
-def _save(fig, path: Path) -> Path:
+DPI = 110
+
+
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    """PNG at :data:`DPI`; ``tight=False`` keeps the figure's own size (``figsize`` × DPI pixels)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
     return path
@@ -170,3 +174,35 @@ def draw_all(out: Path, results: dict, agg: dict) -> list[tuple[str, Path]]:
     if picture:
         pictures.append(("Qualitative result (fold 0)", picture))
     return pictures
+
+
+def heatmap_size(rows: int) -> tuple[float, float]:
+    """``(width, height)`` in inches of :func:`missing_heatmap` with ``rows`` rows: 6.5 wide, 1.4 + 0.42 per row high."""
+    return 6.5, 1.4 + 0.42 * rows
+
+
+def missing_heatmap(labels: list[str], values: list[list[float | None]], columns: list[str], path: Path) -> Path:
+    """Student − baseline Dice per subset (rows, ``labels``) and region (``columns``), each value written in its
+    cell; a diverging map centred on 0 (blue: the student is better, red: worse), grey where a value is missing.
+
+    The size is fixed by the row count (:func:`heatmap_size` × :data:`DPI` pixels), so that 15 rows stay legible.
+    """
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    matrix = matrix.reshape(len(labels), len(columns))
+    finite = np.abs(matrix[np.isfinite(matrix)])
+    limit = max(float(finite.max()) if finite.size else 0.0, 0.01)  # never a zero-width colour scale
+    colours = plt.get_cmap("RdBu").copy()
+    colours.set_bad("#d9d9d9")
+    fig, ax = plt.subplots(figsize=heatmap_size(len(labels)), layout="constrained")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=colours, vmin=-limit, vmax=limit, aspect="auto")
+    for i, j in np.ndindex(matrix.shape):
+        value = matrix[i, j]
+        text = "–" if not np.isfinite(value) else f"{value:+.3f}"
+        dark = np.isfinite(value) and abs(value) > 0.6 * limit
+        ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
+    ax.set_xlabel("region")
+    ax.set_title("Dice, KD student − baseline (mean over folds)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="student − baseline")
+    return _save(fig, path, tight=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 import fire
 
 from brats_kd.io import write_json_atomic, write_text_atomic
+from tools.missing import missing_modalities, missing_modalities_section, subset_of_model
 from tools.paired_tests import PAIRS, REGIONS, difference_line, paired_tests, paired_tests_table
 
 METRICS = tuple(f"dice_{r}" for r in REGIONS) + tuple(f"hd95_{r}" for r in REGIONS)
@@ -208,8 +209,9 @@ def write_report(out: str | Path) -> Path:
         raise FileNotFoundError(f"no evaluated model under {out} (expected fold<k>/<model>/evaluate/summary.json)")
     agg = aggregate(results)
     folds = {m: sorted(r) for m, r in results.items()}
-    # every other KD student (ablation rows, loss variants) against the baseline too
-    pairs = PAIRS + tuple((m, "baseline") for m in sorted(results) if m.startswith("student_"))
+    # every other KD student (ablation rows, loss variants) against the baseline too; a missing-modality
+    # student is tested against its own subset's baseline (tools.missing)
+    pairs = PAIRS + tuple((m, "baseline") for m in sorted(results) if m.startswith("student_") and not subset_of_model(m))
     tests = paired_tests(results, pairs)
     postprocessed = {name: collect(out, name) for name in postprocessed_evaluations(out)}
     postprocessed_agg = {name: aggregate(r) for name, r in postprocessed.items() if r}
@@ -219,6 +221,9 @@ def write_report(out: str | Path) -> Path:
     count_label = "Runs" if seeds else "Folds"
     summary = {"aggregate": agg, "folds": folds, "seeds": seeds, "paired_tests": tests, "experiment": experiment}
     summary["postprocessed"] = {n: {"aggregate": a, "paired_tests": postprocessed_tests[n]} for n, a in postprocessed_agg.items()}
+    missing = missing_modalities(results, agg)
+    if missing:
+        summary["missing_modalities"] = missing
     official, official_lines = official_metrics_sections(out, ["evaluate", *postprocessed], count_label)
     if official:
         summary["official_metrics"] = official
@@ -244,12 +249,14 @@ def write_report(out: str | Path) -> Path:
     ]
     if any(m in agg for m, _ in TABLE1):
         known = {m for m, *_ in TABLE2}
-        extra = [m for m in sorted(agg) if m.startswith("student_") and m not in known]
+        extra = [m for m in sorted(agg) if m.startswith("student_") and m not in known and not subset_of_model(m)]
         variants = tuple((m, f"KD student, variant `{m[len('student_') :]}`") for m in extra)
         table = markdown_table(TABLE1 + variants, agg, ("Model",), count_label)
         sections += ["## KD-Net Table 1: teacher, baseline and student", "", table, ""]
         line = difference_line(agg, "student", "baseline")
         sections += [f"- {line}", ""] if line else []
+    if missing:
+        sections += missing_modalities_section(out, missing, runs)
     # the omni-student's tests stand under the Lachinov table; the others here
     omni_tests = [t for t in tests if t["model"] == "omni_student"]
     other_tests = [t for t in tests if t["model"] != "omni_student"]
