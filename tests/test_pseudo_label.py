@@ -2,7 +2,7 @@
 output only into its own folder, refusal of the data folder, label maps in original geometry, the
 ensemble average, skipping finished cases on a rerun, soft labels, ``min_confidence`` and the
 combined datalist. The pseudo-labelled outputs are shared with ``test_omni_bundle.py`` through
-:func:`pseudo_labelled` (made once per session).
+:func:`pseudo_labelled` (made once per test run, whatever the xdist worker).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import build_once
 from tests.test_ensemble_bundle import (
     ENSEMBLE,
     ENSEMBLE_TINY,
@@ -44,26 +46,38 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def pseudo_labelled(tmp_path_factory, datalist, phantom_dataset) -> dict:
-    """Run once per session, side by side: hard pseudo labels (the defaults: 4-flip TTA, ET under 32 voxels
-    to necrosis), soft pseudo labels (without TTA), and a run that must be refused (output = the data
-    folder). The data folder's snapshot is taken before any of them."""
+    """Hard pseudo labels (the defaults: 4-flip TTA, ET under 32 voxels to necrosis), soft pseudo labels (without
+    TTA), and a run that must be refused (output = the data folder), side by side, once per test run for every
+    xdist worker (:func:`tests.conftest.build_once`; ``test_omni_bundle.py`` may run on the other worker). The
+    data folder's snapshot is taken before any of them. Treat ``work`` as read-only: other workers read it."""
     if "runs" not in _SESSION:
         models_dir = trained_members(tmp_path_factory, datalist)
-        work = tmp_path_factory.mktemp("pseudo")
-        before = snapshot(phantom_dataset)
-        datalist_before = hashlib.sha256(Path(datalist).read_bytes()).hexdigest()
         inside = phantom_dataset / sorted(p.name for p in phantom_dataset.iterdir() if p.is_dir())[0] / "pseudo"
         common = dict(ENSEMBLE_TINY, datalist=str(datalist), models_dir=str(models_dir))
-        jobs = {
-            "hard": dict(common, pseudo_label_dir=str(work / "hard")),
-            "soft": dict(common, pseudo_label_dir=str(work / "soft"), soft_labels=True, tta=False),
-            "refuse_data": dict(common, pseudo_label_dir=str(phantom_dataset), combined_datalist=str(work / "x.json")),
+
+        def label(work: Path) -> None:
+            before = {"data": snapshot(phantom_dataset), "datalist": hashlib.sha256(Path(datalist).read_bytes()).hexdigest()}
+            (work / "before.json").write_text(json.dumps(before))
+            jobs = {
+                "hard": dict(common, pseudo_label_dir=str(work / "hard")),
+                "soft": dict(common, pseudo_label_dir=str(work / "soft"), soft_labels=True, tta=False),
+                "refuse_data": dict(common, pseudo_label_dir=str(phantom_dataset), combined_datalist=str(work / "x.json")),
+            }
+            results = run_parallel({k: (ENSEMBLE, PSEUDO_CONFIGS, work, v) for k, v in jobs.items()}, check=False)
+            for name in ("hard", "soft"):
+                assert results[name].returncode == 0, f"{name} pseudo-labelling failed:\n{results[name].stdout[-4000:]}"
+            (work / "results.json").write_text(json.dumps({k: [r.args, r.returncode] for k, r in results.items()}))
+
+        key = {"configs": PSEUDO_CONFIGS, "common": common, "data": str(phantom_dataset)}
+        work = build_once(tmp_path_factory, "pseudo-labels", key, label)
+        before = json.loads((work / "before.json").read_text())
+        # run_parallel leaves each job's log (stdout and stderr) in <cwd>/<name>.log
+        runs = {
+            name: subprocess.CompletedProcess(args, code, (work / f"{name}.log").read_text())
+            for name, (args, code) in json.loads((work / "results.json").read_text()).items()
         }
-        results = run_parallel({k: (ENSEMBLE, PSEUDO_CONFIGS, work, v) for k, v in jobs.items()}, check=False)
-        for name in ("hard", "soft"):
-            assert results[name].returncode == 0, f"{name} pseudo-labelling failed:\n{results[name].stdout[-4000:]}"
         _SESSION.update(
-            runs=results, work=work, models_dir=models_dir, data_before=before, datalist_before=datalist_before,
+            runs=runs, work=work, models_dir=models_dir, data_before=before["data"], datalist_before=before["datalist"],
             inside=inside, common=common,
         )
     return _SESSION
@@ -75,18 +89,21 @@ def session(tmp_path_factory, datalist, phantom_dataset) -> dict:
 
 
 @pytest.fixture(scope="module")
-def rerun(session, datalist) -> dict:
-    """The hard run again, with min_confidence at the highest case confidence (drops the others)
-    and its combined datalist written to a new path; file mtimes are recorded before it."""
-    hard = session["work"] / "hard"
+def rerun(session, datalist, tmp_path_factory) -> dict:
+    """The hard run again, in a copy of its output folder (the shared one stays read-only), with min_confidence at
+    the highest case confidence (drops the others) and its combined datalist written to a new path; file mtimes
+    are recorded before it."""
+    work = tmp_path_factory.mktemp("rerun")
+    hard = work / "hard"
+    shutil.copytree(session["work"] / "hard", hard)
     confidences = {p.stem: json.loads(p.read_text())["confidence"] for p in hard.glob("*.json") if p.name != "datalist.json"}
     mtimes = {p.name: p.stat().st_mtime_ns for p in hard.iterdir()}
     threshold = max(confidences.values())
-    overrides = dict(session["common"], pseudo_label_dir=str(hard), combined_datalist=str(session["work"] / "rerun.json"),
+    overrides = dict(session["common"], pseudo_label_dir=str(hard), combined_datalist=str(work / "rerun.json"),
                      min_confidence=threshold)
-    result = run_parallel({"rerun": (ENSEMBLE, PSEUDO_CONFIGS, session["work"], overrides)})["rerun"]
-    return {"log": result.stdout, "mtimes": mtimes, "confidences": confidences, "threshold": threshold,
-            "datalist": json.loads((session["work"] / "rerun.json").read_text())}
+    result = run_parallel({"rerun": (ENSEMBLE, PSEUDO_CONFIGS, work, overrides)})["rerun"]
+    return {"log": result.stdout, "mtimes": mtimes, "confidences": confidences, "threshold": threshold, "hard": hard,
+            "datalist": json.loads((work / "rerun.json").read_text())}
 
 
 def unlabeled(datalist_json) -> list[dict]:
@@ -199,8 +216,8 @@ def test_soft_labels_are_the_mean_of_the_members_sigmoid_outputs(session, datali
     assert not np.allclose(expected, outputs[0].numpy(), atol=1e-3), "the members must differ for this check to mean anything"
 
 
-def test_rerun_skips_finished_cases_and_min_confidence_drops_the_less_confident(session, rerun, datalist_json):
-    hard = session["work"] / "hard"
+def test_rerun_skips_finished_cases_and_min_confidence_drops_the_less_confident(rerun, datalist_json):
+    hard = rerun["hard"]
     ids = sorted(c["case_id"] for c in unlabeled(datalist_json))
     assert f"skipped {len(ids)} case(s) already pseudo-labelled" in rerun["log"]
     assert "0 case(s) to pseudo-label" in rerun["log"]
