@@ -195,6 +195,15 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "t"), "--teacher_epochs", "0")
     assert result.returncode == 2 and "--teacher_epochs must be a whole number >= 1" in result.stderr
     assert not (tmp_path / "t").exists(), "nothing written for a bad --teacher_epochs"
+    # a folder trained with another head is not resumed as if it were this one (its stages would be skipped)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    record = {"experiment": "kdnet", "folds": 2, "seed": 0, "preset": {"name": "smoke"}, "options": {"activation": "sigmoid"}}
+    (earlier / "experiment.json").write_text(json.dumps(record))
+    result = run_experiment("kdnet", "--preset", "smoke", "--out", str(earlier), "--activation", "softmax")
+    assert result.returncode == 2 and "activation: 'sigmoid' there, 'softmax' now" in result.stderr, result.stderr[-2000:]
+    assert json.loads((earlier / "experiment.json").read_text()) == record, "the record is left as it was"
+    assert sorted(p.name for p in earlier.iterdir()) == [".runner.lock", "experiment.json"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ outputs are complete and resumes an interrupted training from its last epoch.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -388,6 +389,31 @@ def folds_to_run(num_folds: int, run_folds) -> list[int]:
     return chosen
 
 
+# Options that change what a finished stage holds: a rerun with another value would reuse stale trainings.
+MODEL_OPTIONS = ("activation", "dice_batch", "teacher_epochs", "teacher_mode")
+
+
+def check_same_models(record: Path, wanted: dict) -> None:
+    """Refuse to resume ``record``'s experiment folder with settings that change its models.
+
+    A rerun skips every finished stage, so a teacher trained with ``--activation sigmoid`` would be evaluated and
+    distilled again as if it were the softmax one asked for now. Settings absent from an older record are not compared;
+    adding rows (``--methods``, ``--ablation``), folds to run or evaluations (``--et_min_voxels``) stays allowed.
+    """
+    if not record.exists():
+        return
+    recorded = json.loads(record.read_text())
+    previous = {"experiment": recorded.get("experiment"), "folds": recorded.get("folds"), "seed": recorded.get("seed"),
+                "preset": (recorded.get("preset") or {}).get("name"), **(recorded.get("options") or {})}
+    changed = [f"{key}: {previous[key]!r} there, {value!r} now" for key, value in wanted.items()
+               if key in previous and previous[key] is not None and previous[key] != value]
+    if changed:
+        raise ValueError(
+            f"{record.parent} holds an experiment with other settings ({'; '.join(changed)}); its finished stages would be "
+            "reused as if they had been trained with the new ones. Use another --out (or remove that folder)."
+        )
+
+
 def _start(
     kind: str, data: str, out: str, preset: str, folds: int | None, seed: int, run_folds, args: dict
 ) -> tuple[Path, Preset, int, list[int]]:
@@ -401,6 +427,8 @@ def _start(
     previous = acquire_folder(root)  # before anything is written: one runner per folder
     if previous:
         print(f"taking over {root} from a runner that is gone ({previous})", file=sys.stderr)
+    check_same_models(root / "experiment.json", {"experiment": kind, "folds": num_folds, "seed": seed, "preset": chosen.name,
+                                                 **{k: v for k, v in args.items() if k in MODEL_OPTIONS}})
     write_json_atomic(
         root / "experiment.json",
         {
