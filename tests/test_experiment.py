@@ -313,3 +313,18 @@ def test_ablation_students_train_on_the_cached_targets_of_their_own_teacher(kdne
         assert config["teacher_mode"] == "cached", model.name
         assert Path(config["teacher_cache_dir"]) == fold / model.teacher / "teacher_cache", model.name
         assert Path(config["teacher_ckpt"]) == fold / model.teacher / "models" / "model.pt", model.name
+
+
+def test_modality_occlusion_reads_the_models_of_a_finished_experiment(kdnet_smoke):
+    """tools.modality_occlusion on the smoke run: each model's own merged config, checkpoint and test fold; the
+    teacher's 4 inputs give 7 blanked groups, the T1ce models only the unblanked prediction."""
+    from tools.modality_occlusion import occlusion
+
+    datalist = json.loads((kdnet_smoke / "datalist.json").read_text())
+    test_cases = [c for c in datalist["training"] if c["fold"] == 0]
+    teacher = occlusion(kdnet_smoke / "fold0" / "teacher")
+    assert [r.blanked for r in teacher] == ["none", "t1", "t1ce", "t2", "flair", "t2+flair", "t1+t2+flair"]
+    for model in ("baseline", "student"):
+        (result,) = occlusion(kdnet_smoke / "fold0" / model)
+        assert result.blanked == "none" and result.cases_with_et + result.cases_without_et == len(test_cases)
+    assert all(r.cases_with_et + r.cases_without_et == len(test_cases) for r in teacher)
