@@ -32,6 +32,8 @@ def test_counts_against_a_hand_made_pair_of_cases():
     assert summary["et_dice_on_et_cases"] == pytest.approx(8 / 12)
     assert (summary["cases_with_et"], summary["cases_without_et"], summary["cases_with_false_et"]) == (1, 1, 1)
     assert summary["false_et_voxels_by_reference_label"] == {0: 1, 1: 4, 2: 1}
+    # predicted / reference volume: ET case TC 16/16, WT 32/32, ET 4/8; no-ET case TC 18/16, WT 33/32 (ET not counted)
+    assert summary["median_volume_ratio"] == pytest.approx({"tc": (1 + 18 / 16) / 2, "wt": (1 + 33 / 32) / 2, "et": 0.5})
 
 
 def test_reads_an_experiment_folder_and_names_a_missing_evaluation(tmp_path):

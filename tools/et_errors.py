@@ -7,7 +7,8 @@ For each model of an experiment fold, over the saved label maps of its evaluatio
 prints the ET Dice on the test cases that have ET, and for the cases without ET how many got a false
 ET prediction and in which reference label those false voxels lie (0 background, 1 necrotic /
 non-enhancing core, 2 oedema). A model that paints the non-enhancing core as ET shows its false
-voxels under label 1.
+voxels under label 1. It also prints, per region, the median over the cases that have the region of the
+predicted / reference volume: below 1 a model under-segments that region, above 1 it over-segments.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 ET = 4
+REGION_LABELS = {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}  # BraTS 2018-2021 labels of each nested region
 
 
 @dataclass
@@ -33,11 +35,16 @@ class EtErrors:
     cases_without_et: int = 0
     cases_with_false_et: int = 0
     false_et_voxels_by_reference_label: dict[int, int] = field(default_factory=lambda: {0: 0, 1: 0, 2: 0})
+    volume_ratios: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in REGION_LABELS})
 
     def add_case(self, prediction: np.ndarray, reference: np.ndarray) -> None:
         """Count one case: ``prediction`` and ``reference`` are BraTS label maps (0/1/2/4) of the same grid."""
         if prediction.shape != reference.shape:
             raise ValueError(f"{self.model}: prediction shape {prediction.shape} differs from the reference {reference.shape}")
+        for region, labels in REGION_LABELS.items():
+            reference_volume = int(np.isin(reference, labels).sum())
+            if reference_volume:
+                self.volume_ratios[region].append(float(np.isin(prediction, labels).sum()) / reference_volume)
         predicted, true = prediction == ET, reference == ET
         if true.any():
             self.et_dice_on_et_cases.append(float(2 * (predicted & true).sum() / (predicted.sum() + true.sum())))
@@ -55,6 +62,7 @@ class EtErrors:
             "cases_without_et": self.cases_without_et,
             "cases_with_false_et": self.cases_with_false_et,
             "false_et_voxels_by_reference_label": self.false_et_voxels_by_reference_label,
+            "median_volume_ratio": {r: float(np.median(v)) if v else None for r, v in self.volume_ratios.items()},
         }
 
 
