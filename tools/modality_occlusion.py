@@ -61,7 +61,7 @@ def load_model(model_dir: Path):
     parser["validate#preprocessing#transforms"] = "@preprocessing_transforms"
     parser["validate#dataset#data"] = "@test_datalist"
     network = parser.get_parsed_content("network")
-    state = torch.load(model_dir / "models" / "model.pt", map_location="cpu", weights_only=False)
+    state = torch.load(model_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
     network.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
     network.eval()
     modalities = list(config.get("student_modalities") or config["modalities"])
