@@ -328,3 +328,18 @@ def test_modality_occlusion_reads_the_models_of_a_finished_experiment(kdnet_smok
         (result,) = occlusion(kdnet_smoke / "fold0" / model)
         assert result.blanked == "none" and result.cases_with_et + result.cases_without_et == len(test_cases)
     assert all(r.cases_with_et + r.cases_without_et == len(test_cases) for r in teacher)
+
+
+def test_teacher_epochs_and_dice_batch_reach_their_stages(tmp_path):
+    """``--teacher_epochs`` trains the 4-modality teachers only (baseline and students keep the preset's epochs);
+    ``--dice_batch`` reaches every model's training and evaluation. Planned stages only, nothing is trained."""
+    from tools.experiment import KDNET_ABLATION_MODELS, KDNET_MODELS, kd_stages
+    from tools.presets import get_preset
+
+    stages = kd_stages(KDNET_MODELS + KDNET_ABLATION_MODELS, tmp_path, [0], tmp_path / "datalist.json", get_preset("smoke"), 0,
+                       dice_batch=True, teacher_epochs=3)
+    trainings = {s.name.split("/")[1]: s for s in stages if s.kind == "train"}
+    assert {name: (s.epochs, s.overrides["epochs"]) for name, s in trainings.items()} == {
+        name: ((3, 3) if name in ("teacher", "teacher_skip0") else (1, 1)) for name in trainings
+    }
+    assert len(trainings) == 10 and all(s.overrides["dice_batch"] is True for s in stages)
