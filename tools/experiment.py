@@ -72,6 +72,12 @@ DEFAULT_METHOD = "kdnet"  # the ``student`` row: kd_student's train.json as it i
 TEACHERS = ("teacher", "teacher_skip0")  # the 4-modality models the students distil from
 
 
+def check_activation_option(activation: str) -> None:
+    """``--activation``: the network head of every model of an experiment, ``sigmoid`` or ``softmax``."""
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
+
+
 def check_teacher_epochs(teacher_epochs, preset: Preset) -> int:
     """``--teacher_epochs``, else the preset's ``teacher_epochs``, else its ``epochs``: a whole number >= 1."""
     value = teacher_epochs if teacher_epochs is not None else (preset.teacher_epochs or preset.epochs)
@@ -93,17 +99,17 @@ def method_models(methods) -> tuple[Model, ...]:
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     if not names or any(not n for n in names) or len(set(names)) < len(names):
         raise ValueError(f"--methods must be distinct names separated by commas, e.g. kdnet,hinton; got {methods!r}")
-    configs = ROOT / "bundles" / "kd_student" / "configs"
+    bundle = ROOT / "bundles" / "kd_student"
     models = []
     for name in names:
         if name == DEFAULT_METHOD:
             continue  # the student row every kdnet experiment trains
         candidates = [f"configs/method_{name}.json", f"configs/ablation_{name}.json"]
-        found = next((c for c in candidates if (configs.parent / c).is_file()), None)
+        found = next((c for c in candidates if (bundle / c).is_file()), None)
         if found is None:
             known = sorted(
-                [p.stem[len("method_") :] for p in configs.glob("method_*.json")]
-                + [p.stem[len("ablation_") :] for p in configs.glob("ablation_gt_k*.json")]
+                [p.stem[len("method_") :] for p in bundle.glob("configs/method_*.json")]
+                + [p.stem[len("ablation_") :] for p in bundle.glob("configs/ablation_gt_k*.json")]
             )
             raise ValueError(f"--methods: no kd_student config for {name!r} ({' or '.join(candidates)}); "
                              f"known: {DEFAULT_METHOD}, {', '.join(known)}")
@@ -500,8 +506,7 @@ def kdnet(
         official_metrics_module.scorer_python()  # a missing scorer venv fails now, not after the trainings
     if teacher_mode not in ("online", "cached"):
         raise ValueError(f"--teacher_mode must be online or cached, got {teacher_mode!r}")
-    if activation not in ("sigmoid", "softmax"):
-        raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
+    check_activation_option(activation)
     if isinstance(et_min_voxels, bool) or not isinstance(et_min_voxels, int) or et_min_voxels < 0:
         raise ValueError(f"--et_min_voxels must be a whole number >= 0 (0 = off), got {et_min_voxels!r}")
     if not isinstance(dice_batch, bool):
@@ -622,8 +627,7 @@ def missing(
     from tools.missing import parse_subsets, subset_key
 
     chosen_subsets = parse_subsets(subsets)  # a bad subset fails here, before anything is written
-    if activation not in ("sigmoid", "softmax"):
-        raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
+    check_activation_option(activation)
     parallel = parallelism(jobs)
     chosen_teacher_epochs = check_teacher_epochs(None, get_preset(preset))
     options = {"subsets": [subset_key(s) for s in chosen_subsets], "run_folds": run_folds, "activation": activation,

@@ -69,6 +69,22 @@ def load_model(model_dir: Path):
     return network, modalities, config.get("activation", "sigmoid"), parser.get_parsed_content("validate#dataset")
 
 
+def evaluated_model_dir(run: str, fold: int, name: str) -> Path:
+    """``<run>/fold<fold>/<name>``, or exit 2 naming it when it holds no evaluated model."""
+    model_dir = Path(run) / f"fold{fold}" / name
+    if not (model_dir / "evaluate" / "config.json").exists() or not (model_dir / "models" / "model.pt").exists():
+        print(f"error: {model_dir} has no evaluated model (evaluate/config.json and models/model.pt)", file=sys.stderr)
+        sys.exit(2)
+    return model_dir
+
+
+def head_logits(network, image: torch.Tensor) -> torch.Tensor:
+    """The head's logits of one batch (networks that also return features give them first)."""
+    with torch.no_grad():
+        logits = network(image)
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
 def occlusion(model_dir: Path) -> list[OcclusionResult]:
     """One :class:`OcclusionResult` per blanked group of ``model_dir``'s inputs."""
     from brats_kd.regions import probabilities_to_regions
@@ -81,9 +97,7 @@ def occlusion(model_dir: Path) -> list[OcclusionResult]:
         for name, channels in groups.items():
             blanked = image.clone()
             blanked[:, channels] = 0
-            with torch.no_grad():
-                logits = network(blanked)
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            logits = head_logits(network, blanked)
             probabilities = torch.sigmoid(logits[0]) if activation == "sigmoid" else torch.softmax(logits[0], dim=0)
             et = probabilities_to_regions(probabilities, activation)[2] > 0
             c = counts[name]
@@ -104,11 +118,7 @@ def main(run: str, fold: int = 0, models="teacher,baseline") -> None:
     """Print one JSON line per (model, blanked group) of ``run``'s fold ``fold``."""
     names = models.split(",") if isinstance(models, str) else list(models)
     for name in names:
-        model_dir = Path(run) / f"fold{fold}" / name
-        if not (model_dir / "evaluate" / "config.json").exists() or not (model_dir / "models" / "model.pt").exists():
-            print(f"error: {model_dir} has no evaluated model (evaluate/config.json and models/model.pt)", file=sys.stderr)
-            sys.exit(2)
-        for result in occlusion(model_dir):
+        for result in occlusion(evaluated_model_dir(run, fold, name)):
             print(json.dumps(asdict(result)))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import fire
 import torch
 
-from tools.modality_occlusion import load_model
+from tools.modality_occlusion import evaluated_model_dir, head_logits, load_model
 
 REGIONS = ("tc", "wt", "et")  # the sigmoid head's channel order
 
@@ -30,9 +30,7 @@ def sweep(model_dir: Path, thresholds: list[float]) -> dict:
     inside: dict[str, list[float]] = {r: [] for r in REGIONS}
     dice: dict[float, dict[str, list[float]]] = {t: {r: [] for r in REGIONS} for t in thresholds}
     for item in dataset:
-        with torch.no_grad():
-            logits = network(item["image"].unsqueeze(0))
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        logits = head_logits(network, item["image"].unsqueeze(0))
         probabilities, reference = torch.sigmoid(logits[0]), item["label"] > 0
         for c, region in enumerate(REGIONS):
             if not reference[c].any():
@@ -60,11 +58,7 @@ def main(run: str, fold: int = 0, models="baseline,student", thresholds="0.5,0.4
         print(f"error: --thresholds must be numbers in (0, 1), got {thresholds!r}", file=sys.stderr)
         sys.exit(2)
     for name in names:
-        model_dir = Path(run) / f"fold{fold}" / name
-        if not (model_dir / "evaluate" / "config.json").exists() or not (model_dir / "models" / "model.pt").exists():
-            print(f"error: {model_dir} has no evaluated model (evaluate/config.json and models/model.pt)", file=sys.stderr)
-            sys.exit(2)
-        print(json.dumps(sweep(model_dir, values)))
+        print(json.dumps(sweep(evaluated_model_dir(run, fold, name), values)))
 
 
 if __name__ == "__main__":
