@@ -67,6 +67,10 @@ KDNET_ABLATION_MODELS = (
     Model("student_skip0", "kd_student", (TRAIN, "configs/skip0.json"), teacher="teacher_skip0"),
 )
 DEFAULT_METHOD = "kdnet"  # the ``student`` row: kd_student's train.json as it is (KD-Net, the paper's losses)
+# Methods whose teacher is not the 4-modality teacher. ``born_again``: the KD-Net losses with the fold's baseline
+# (the student's own inputs and network) as the frozen teacher, a control that separates what the losses do to
+# training from what the teacher's extra modalities add (Furlanello et al., Born-again neural networks, ICML 2018).
+METHOD_TEACHERS = {"born_again": "baseline"}
 
 
 TEACHERS = ("teacher", "teacher_skip0")  # the 4-modality models the students distil from
@@ -78,9 +82,18 @@ def check_activation_option(activation: str) -> None:
         raise ValueError(f"--activation must be sigmoid or softmax, got {activation!r}")
 
 
-def check_teacher_epochs(teacher_epochs, preset: Preset) -> int:
-    """``--teacher_epochs``, else the preset's ``teacher_epochs``, else its ``epochs``: a whole number >= 1."""
-    value = teacher_epochs if teacher_epochs is not None else (preset.teacher_epochs or preset.epochs)
+def check_epochs(epochs, preset: Preset) -> int:
+    """``--epochs``, else the preset's ``epochs``: a whole number >= 1."""
+    value = epochs if epochs is not None else preset.epochs
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--epochs must be a whole number >= 1, got {epochs!r}")
+    return value
+
+
+def check_teacher_epochs(teacher_epochs, preset: Preset, epochs: int | None = None) -> int:
+    """``--teacher_epochs``, else the preset's ``teacher_epochs``, else ``epochs`` (``--epochs``), else the preset's
+    ``epochs``: a whole number >= 1."""
+    value = teacher_epochs if teacher_epochs is not None else (preset.teacher_epochs or epochs or preset.epochs)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"--teacher_epochs must be a whole number >= 1, got {teacher_epochs!r}")
     return value
@@ -92,7 +105,8 @@ def method_models(methods) -> tuple[Model, ...]:
     ``kdnet`` is the default student (row ``student``); any other name ``m`` is the override file
     ``configs/method_<m>.json`` (``hinton``, ``protokd``, ``features``, the KD-Net variants
     ``kdnet_kl_channel`` ...) or, failing that, the Table 2 file ``configs/ablation_<m>.json`` (``gt_kd``,
-    ``gt_kl``), trained as row ``student_<m>``. Unknown names fail before anything is written.
+    ``gt_kl``), trained as row ``student_<m>``, from the fold's 4-modality teacher except for the controls of
+    :data:`METHOD_TEACHERS`. Unknown names fail before anything is written.
     """
     if methods is None:
         return ()
@@ -113,7 +127,7 @@ def method_models(methods) -> tuple[Model, ...]:
             )
             raise ValueError(f"--methods: no kd_student config for {name!r} ({' or '.join(candidates)}); "
                              f"known: {DEFAULT_METHOD}, {', '.join(known)}")
-        models.append(Model(f"student_{name}", "kd_student", (TRAIN, found), teacher="teacher"))
+        models.append(Model(f"student_{name}", "kd_student", (TRAIN, found), teacher=METHOD_TEACHERS.get(name, "teacher")))
     return tuple(models)
 
 
@@ -396,7 +410,7 @@ def folds_to_run(num_folds: int, run_folds) -> list[int]:
 
 
 # Options that change what a finished stage holds: a rerun with another value would reuse stale trainings.
-MODEL_OPTIONS = ("activation", "dice_batch", "teacher_epochs", "teacher_mode")
+MODEL_OPTIONS = ("activation", "dice_batch", "epochs", "teacher_epochs", "teacher_mode")
 
 
 def check_same_models(record: Path, wanted: dict) -> None:
@@ -469,6 +483,7 @@ def kdnet(
     methods=None,
     teacher_epochs: int | None = None,
     dice_batch: bool = False,
+    epochs: int | None = None,
 ) -> str:
     """KD-Net (Hu et al.): teacher, T1ce baseline and KD student per fold (+ Table 2 with ``--ablation``).
 
@@ -495,9 +510,11 @@ def kdnet(
         methods: more KD students from the same teachers, one report row each, e.g. ``kdnet,hinton,protokd``
             (``kdnet`` is the default student; other names are kd_student's ``configs/method_<name>.json`` or
             the Table 2 files ``configs/ablation_<name>.json``: ``gt_kd``, ``gt_kl``).
-        teacher_epochs: epochs of the 4-modality teachers (default: the preset's ``teacher_epochs``, else its
-            ``epochs``); baseline and students keep the preset's ``epochs``, so they stay comparable.
+        teacher_epochs: epochs of the 4-modality teachers (default: the preset's ``teacher_epochs``, else
+            ``--epochs``, else the preset's ``epochs``); baseline and students keep ``--epochs``, so they stay comparable.
         dice_batch: L_GT's Dice over the whole batch (nnU-Net's batch Dice) for every model of the table.
+        epochs: epochs of the baselines and students (and of the teachers unless ``--teacher_epochs`` or the preset
+            says otherwise); default the preset's ``epochs``. The learning-rate schedule is the preset's.
     """
     check_device(device)
     extra_students = method_models(methods)  # an unknown method fails here, before anything is written
@@ -512,7 +529,8 @@ def kdnet(
     if not isinstance(dice_batch, bool):
         raise ValueError(f"--dice_batch must be True or False, got {dice_batch!r}")
     parallel = parallelism(jobs)  # a bad --jobs fails here, before anything is written
-    chosen_teacher_epochs = check_teacher_epochs(teacher_epochs, get_preset(preset))
+    chosen_epochs = check_epochs(epochs, get_preset(preset))
+    chosen_teacher_epochs = check_teacher_epochs(teacher_epochs, get_preset(preset), chosen_epochs)
     root, chosen, num_folds, fold_list = _start(
         "kdnet",
         data,
@@ -522,15 +540,16 @@ def kdnet(
         seed,
         run_folds,
         {"ablation": ablation, "teacher_mode": teacher_mode, "run_folds": run_folds, "et_min_voxels": et_min_voxels,
-         "activation": activation, "device": device, "methods": methods, "teacher_epochs": chosen_teacher_epochs,
-         "dice_batch": dice_batch, **parallel},
+         "activation": activation, "device": device, "methods": methods, "epochs": chosen_epochs,
+         "teacher_epochs": chosen_teacher_epochs, "dice_batch": dice_batch, **parallel},
     )
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=False)
     models = KDNET_MODELS + (KDNET_ABLATION_MODELS if ablation else ())
     models += tuple(m for m in extra_students if m.name not in {known.name for known in models})
     stages = kd_stages(models, root, fold_list, datalist, chosen, seed, teacher_mode=teacher_mode, activation=activation,
-                       dice_batch=dice_batch, teacher_epochs=chosen_teacher_epochs, et_min_voxels=et_min_voxels)
+                       dice_batch=dice_batch, epochs=chosen_epochs, teacher_epochs=chosen_teacher_epochs,
+                       et_min_voxels=et_min_voxels)
     run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
     if official_metrics:
         official_metrics_module.score_experiment(str(root), parallel["jobs"])
@@ -539,18 +558,21 @@ def kdnet(
 
 def kd_stages(
     models, root: Path, fold_list: list[int], datalist: Path, preset: Preset, seed: int, *, teacher_mode: str = "online",
-    activation: str = "sigmoid", dice_batch: bool = False, teacher_epochs: int | None = None, et_min_voxels: int = 0,
+    activation: str = "sigmoid", dice_batch: bool = False, epochs: int | None = None, teacher_epochs: int | None = None,
+    et_min_voxels: int = 0,
 ) -> list[Stage]:
     """Per fold, the stages of the KD-Net-style ``models`` (teachers, baselines and KD students of the teacher and
     kd_student bundles), in a valid schedule: training and evaluation of each, a teacher cache per teacher and fold
-    with ``teacher_mode="cached"``, and the ET-post-processed evaluation with ``et_min_voxels``. The 4-modality
-    teachers (:data:`TEACHERS`) train ``teacher_epochs`` (None: the preset's ``epochs``)."""
+    with ``teacher_mode="cached"``, and the ET-post-processed evaluation with ``et_min_voxels``. Every model trains
+    ``epochs`` (None: the preset's), the 4-modality teachers (:data:`TEACHERS`) ``teacher_epochs`` (None: the same)."""
     stages = []
     for fold in fold_list:
         for model in models:
             extra = {"teacher_mode": teacher_mode} if model.bundle == "kd_student" else {}
             extra["activation"] = activation  # one head for teacher, baseline and student (a student checks its teacher's)
             extra["dice_batch"] = dice_batch
+            if epochs is not None:
+                extra["epochs"] = epochs
             if model.name in TEACHERS and teacher_epochs is not None:
                 extra["epochs"] = teacher_epochs
             if model.teacher is not None and teacher_mode == "cached":
