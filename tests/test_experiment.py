@@ -195,6 +195,9 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "t"), "--teacher_epochs", "0")
     assert result.returncode == 2 and "--teacher_epochs must be a whole number >= 1" in result.stderr
     assert not (tmp_path / "t").exists(), "nothing written for a bad --teacher_epochs"
+    result = run_experiment("kdnet", "--preset", "smoke", "--out", str(tmp_path / "e"), "--epochs", "0")
+    assert result.returncode == 2 and "--epochs must be a whole number >= 1" in result.stderr
+    assert not (tmp_path / "e").exists(), "nothing written for a bad --epochs"
     # a folder trained with another head is not resumed as if it were this one (its stages would be skipped)
     earlier = tmp_path / "earlier"
     earlier.mkdir()
@@ -236,7 +239,8 @@ TABLE2_ROWS = (
 def kdnet_ablation(kdnet_smoke, tmp_path_factory) -> Path:
     """``kdnet --preset smoke --run_folds 0 --ablation --teacher_mode cached``, started from a copy of the smoke
     run's datalist and fold-0 teacher and baseline (same preset and seed: the runner finds them finished and
-    skips them). Runs: 2 teacher caches, the KD student and the 6 other Table 2 models, trained and evaluated."""
+    skips them). Runs: 3 teacher caches (teacher, teacher_skip0, and the baseline for ``born_again``), the KD student,
+    the 6 other Table 2 models and 2 method rows, trained and evaluated."""
     out = tmp_path_factory.mktemp("kdnet_ablation") / "run"
     out.mkdir()
     shutil.copy2(kdnet_smoke / "datalist.json", out / "datalist.json")  # it names the smoke run's phantom
@@ -244,7 +248,7 @@ def kdnet_ablation(kdnet_smoke, tmp_path_factory) -> Path:
         shutil.copytree(kdnet_smoke / "fold0" / model, out / "fold0" / model)
     result = run_experiment(
         "kdnet", "--data", "synthetic", "--preset", "smoke", "--run_folds", "0", "--ablation", "--teacher_mode", "cached",
-        "--methods", "kdnet,gt_kd,kdnet_kl_channel", "--out", str(out),
+        "--methods", "kdnet,gt_kd,kdnet_kl_channel,born_again", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -293,6 +297,29 @@ def test_methods_add_one_table1_row_each_from_the_same_teacher(kdnet_ablation):
     assert (kdnet_ablation / "fold0" / "student_gt_kd" / "train" / "log.txt").read_text().count("$ ") == 1
 
 
+def test_born_again_control_distils_the_fold_baseline_on_the_student_inputs(kdnet_ablation):
+    """``--methods born_again``: KD-Net's losses unchanged, the teacher is the fold's T1ce baseline (checkpoint,
+    modalities, cached targets), not the 4-modality teacher; a Table 1 row with its paired test."""
+    from monai.bundle import ConfigParser
+
+    from brats_kd.teacher_cache import file_sha256
+
+    fold = kdnet_ablation / "fold0"
+    config = json.loads((fold / "student_born_again" / "train" / "config.json").read_text())
+    assert Path(config["teacher_ckpt"]) == fold / "baseline" / "models" / "model.pt"
+    parser = ConfigParser(config)  # the stored config is the merged, unresolved one
+    assert parser.get_parsed_content("teacher_modalities") == ["t1ce"] == parser.get_parsed_content("modalities")
+    assert (config["lambda_kd"], config["temperature"], config["alpha_kl"]) == (0.75, 5.0, 10.0)
+    assert Path(config["teacher_cache_dir"]) == fold / "baseline" / "teacher_cache"
+    cache = json.loads((fold / "baseline" / "teacher_cache" / "summary.json").read_text())
+    assert cache["teacher_checkpoint_sha256"] == file_sha256(fold / "baseline" / "models" / "model.pt")
+    summary = json.loads((kdnet_ablation / "summary.json").read_text())
+    assert ("student_born_again", "baseline") in {(t["model"], t["reference"]) for t in summary["paired_tests"]}
+    rows = {r[0]: r[1:] for r in markdown_rows((kdnet_ablation / "report.md").read_text(), "## KD-Net Table 1")}
+    stats = summary["aggregate"]["student_born_again"]
+    assert rows["KD student, variant `born_again`"][:3] == [f"{stats[f'dice_{r}']['mean']:.3f}" for r in ("et", "tc", "wt")]
+
+
 def test_ablation_students_train_on_the_cached_targets_of_their_own_teacher(kdnet_ablation):
     """One cache per teacher (4 and 0 skip connections), computed from that teacher's model.pt for every
     training case; each KD student trained in cached mode on its own teacher's cache."""
@@ -331,15 +358,20 @@ def test_modality_occlusion_reads_the_models_of_a_finished_experiment(kdnet_smok
 
 
 def test_teacher_epochs_and_dice_batch_reach_their_stages(tmp_path):
-    """``--teacher_epochs`` trains the 4-modality teachers only (baseline and students keep the preset's epochs);
-    ``--dice_batch`` reaches every model's training and evaluation. Planned stages only, nothing is trained."""
-    from tools.experiment import KDNET_ABLATION_MODELS, KDNET_MODELS, kd_stages
+    """``--teacher_epochs`` trains the 4-modality teachers only (baseline and students keep the preset's epochs, or
+    ``--epochs``); ``--dice_batch`` reaches every model's training and evaluation. Planned stages only."""
+    from tools.experiment import KDNET_ABLATION_MODELS, KDNET_MODELS, check_teacher_epochs, kd_stages
     from tools.presets import get_preset
 
-    stages = kd_stages(KDNET_MODELS + KDNET_ABLATION_MODELS, tmp_path, [0], tmp_path / "datalist.json", get_preset("smoke"), 0,
-                       dice_batch=True, teacher_epochs=3)
-    trainings = {s.name.split("/")[1]: s for s in stages if s.kind == "train"}
-    assert {name: (s.epochs, s.overrides["epochs"]) for name, s in trainings.items()} == {
-        name: ((3, 3) if name in ("teacher", "teacher_skip0") else (1, 1)) for name in trainings
-    }
-    assert len(trainings) == 10 and all(s.overrides["dice_batch"] is True for s in stages)
+    models = KDNET_MODELS + KDNET_ABLATION_MODELS
+    for epochs, expected_others in ((None, 1), (4, 4)):
+        stages = kd_stages(models, tmp_path, [0], tmp_path / "datalist.json", get_preset("smoke"), 0,
+                           dice_batch=True, epochs=epochs, teacher_epochs=3)
+        trainings = {s.name.split("/")[1]: s for s in stages if s.kind == "train"}
+        assert {name: (s.epochs, s.overrides["epochs"]) for name, s in trainings.items()} == {
+            name: ((3, 3) if name in ("teacher", "teacher_skip0") else (expected_others,) * 2) for name in trainings
+        }
+        assert len(trainings) == 10 and all(s.overrides["dice_batch"] is True for s in stages)
+    # without --teacher_epochs the teachers follow --epochs, unless the preset sets their epochs itself
+    assert check_teacher_epochs(None, get_preset("smoke"), 4) == 4
+    assert check_teacher_epochs(7, get_preset("smoke"), 4) == 7
