@@ -27,6 +27,25 @@ TINY = {
 }
 
 LOG_TAIL_LINES = 60
+#: first on the PYTHONPATH of the suite's subprocesses (tests/conftest.py): ``import mlflow`` fails there (its docstring)
+MLFLOW_BLOCKER = Path(__file__).resolve().parent / "mlflow_blocked"
+
+
+def block_mlflow_in_subprocesses() -> None:
+    """Put :data:`MLFLOW_BLOCKER` first on ``PYTHONPATH`` for every subprocess started from now on (idempotent)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(MLFLOW_BLOCKER)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(MLFLOW_BLOCKER), *paths])
+
+
+def environment(with_mlflow: bool = False, **variables: str) -> dict[str, str]:
+    """A copy of ``os.environ`` plus ``variables``; ``with_mlflow`` drops :data:`MLFLOW_BLOCKER` from ``PYTHONPATH``."""
+    env = dict(os.environ, **variables)
+    if with_mlflow:
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(MLFLOW_BLOCKER)]
+        env.pop("PYTHONPATH", None)
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
 
 
 class BundleRunError(AssertionError):
@@ -156,6 +175,7 @@ def run_bundle(
     cwd: str | os.PathLike,
     check: bool = True,
     timeout: float = 600,
+    with_mlflow: bool = False,
     **overrides,
 ) -> subprocess.CompletedProcess:
     """Run ``monai.bundle run`` for ``bundle`` in a subprocess and return its ``CompletedProcess``.
@@ -165,10 +185,11 @@ def run_bundle(
     log keeps the order of events. ``cwd`` should be a temporary folder: nothing is written into
     the checkout as long as the tests also point ``ckpt_dir`` / ``output_dir`` there.
     With ``check`` (default) a non-zero exit raises :class:`BundleRunError` with the log's tail; on
-    ``timeout`` the command and everything it started are killed (:func:`run_command`).
+    ``timeout`` the command and everything it started are killed (:func:`run_command`). ``with_mlflow``: mlflow
+    importable in the bundle process (the suite blocks it elsewhere, :data:`MLFLOW_BLOCKER`).
     """
     command = bundle_command(bundle, configs, **overrides)
-    proc = run_command(command, cwd, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)
+    proc = run_command(command, cwd, env=environment(with_mlflow, PYTHONUNBUFFERED="1"), timeout=timeout)
     if check and proc.returncode != 0:
         raise BundleRunError(
             f"bundle command failed with exit code {proc.returncode}:\n  {' '.join(command)}\n"

@@ -30,7 +30,11 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from tests.bundle_runner import TINY, run_bundle
+from tests.bundle_runner import TINY, block_mlflow_in_subprocesses, run_bundle
+
+# Bundle subprocesses run without mlflow (as with requirements.txt alone): importing it costs ~1 s of CPU in each of
+# the suite's 100+ bundle processes. tests/test_tracking.py asks for it back (tests/mlflow_blocked/mlflow/__init__.py).
+block_mlflow_in_subprocesses()
 
 PHANTOM_SIZE = 32
 PHANTOM_SEED = 0

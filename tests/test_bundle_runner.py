@@ -70,3 +70,20 @@ def test_run_commands_kills_each_timed_out_job_with_its_children(tmp_path):
     for name in ("a", "b"):
         assert results[name].returncode == -9, results[name]
         assert wait_dead(grandchild(tmp_path / name / "pid")), f"{name}: the grandchild outlived its job"
+
+
+def test_subprocesses_run_without_mlflow_unless_asked(tmp_path):
+    """The suite's subprocesses cannot import mlflow (conftest: ~1 s of CPU saved per bundle process), MONAI sees it as
+    absent rather than failing, and ``environment(with_mlflow=True)`` (tests/test_tracking.py) gets it back."""
+    pytest.importorskip("mlflow")  # installed by requirements-dev.txt
+    from tests.bundle_runner import environment
+
+    probe = ("import importlib.util, monai.handlers.mlflow_handler as h; "
+             "print(h.mlflow.__class__.__name__ == '_LazyRaise', importlib.util.find_spec('mlflow').origin)")
+    blocked = subprocess.run([sys.executable, "-c", probe], env=environment(), capture_output=True, text=True, timeout=120)
+    assert blocked.returncode == 0, blocked.stderr[-2000:]
+    assert blocked.stdout.split()[0] == "True" and "mlflow_blocked" in blocked.stdout, blocked.stdout
+    allowed = subprocess.run([sys.executable, "-c", probe], env=environment(with_mlflow=True), capture_output=True,
+                             text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert allowed.stdout.split()[0] == "False" and "mlflow_blocked" not in allowed.stdout, allowed.stdout

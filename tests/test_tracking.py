@@ -54,7 +54,7 @@ def tracked_run(request, datalist, tmp_path):
     )
     if bundle == "kd_student":
         overrides["teacher_ckpt"] = str(request.getfixturevalue("trained_teacher") / "model.pt")
-    run_bundle(bundle, "train.json", cwd=tmp_path, **overrides)
+    run_bundle(bundle, "train.json", cwd=tmp_path, with_mlflow=True, **overrides)
     return bundle, tmp_path
 
 
