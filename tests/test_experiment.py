@@ -29,16 +29,18 @@ def kdnet_smoke(tmp_path_factory) -> Path:
 
 #: a threshold no prediction reaches: the post-processed evaluation must hold no ET at all
 ET_MIN_VOXELS = 10**9
+#: the fold run again: with seed 0 the smoke phantom's fold 1 holds test cases with and without ET (fold 0 has ET in all 4)
+AGAIN_FOLD = 1
 
 
 @pytest.fixture(scope="module")
-def kdnet_fold0_again(tmp_path_factory) -> Path:
-    """Fold 0 of :func:`kdnet_smoke` again, in a new folder with the same seed, and with ``--et_min_voxels``: one run
+def kdnet_fold_again(tmp_path_factory) -> Path:
+    """Fold :data:`AGAIN_FOLD` of :func:`kdnet_smoke` again, in a new folder with the same seed, with ``--et_min_voxels``: one run
     for the same-seed check and for the ET post-processing (3 evaluations more here instead of 6 in the 2-fold run;
     per_case.csv holds the plain evaluations only, so the same-seed comparison is unaffected)."""
     out = tmp_path_factory.mktemp("again") / "run"
     result = run_experiment(
-        "kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(out), "--run_folds", "0",
+        "kdnet", "--data", "synthetic", "--preset", "smoke", "--out", str(out), "--run_folds", str(AGAIN_FOLD),
         "--et_min_voxels", str(ET_MIN_VOXELS),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -112,22 +114,22 @@ def test_kdnet_per_case_csv_and_summary(kdnet_smoke):
     assert teacher_wt["mean"] == pytest.approx(sum(fold_means) / 2, abs=1e-6)
 
 
-def test_et_postprocessing_is_evaluated_and_reported_both_ways(kdnet_fold0_again):
+def test_et_postprocessing_is_evaluated_and_reported_both_ways(kdnet_fold_again):
     """Fold 0 (one fold: a cell is the mean, no spread; the 2-fold mean ± std cells of the same table code are
     checked on Table 1 above)."""
     import nibabel as nib
     import numpy as np
 
-    run = kdnet_fold0_again
+    run = kdnet_fold_again
     name = f"evaluate_et{ET_MIN_VOXELS}"
     datalist = json.loads((run / "datalist.json").read_text())
     has_et = {}
     for entry in datalist["training"]:
         label = np.asanyarray(nib.load(str(Path(datalist["dataset_dir"]) / entry["label"])).dataobj)
         has_et[entry["case_id"]] = bool((label == 4).any())
-    test_cases = sorted(e["case_id"] for e in datalist["training"] if e["fold"] == 0)
+    test_cases = sorted(e["case_id"] for e in datalist["training"] if e["fold"] == AGAIN_FOLD)
     for model in ("teacher", "baseline", "student"):
-        folder = run / "fold0" / model / name
+        folder = run / f"fold{AGAIN_FOLD}" / model / name
         predictions = sorted((folder / "predictions").glob("*.nii.gz"))
         assert [p.name for p in predictions] == [f"{c}.nii.gz" for c in test_cases], model
         for prediction in predictions:
@@ -137,7 +139,7 @@ def test_et_postprocessing_is_evaluated_and_reported_both_ways(kdnet_fold0_again
         assert sorted(row["filename"] for row in rows) == test_cases, model
         for row in rows:  # no ET predicted: BraTS Dice 1 without reference ET, else 0
             assert float(row["class0"]) == (0.0 if has_et[row["filename"]] else 1.0), (model, row)
-    assert {has_et[c] for c in test_cases} == {True, False}, "fold 0 must hold cases with and without ET"
+    assert {has_et[c] for c in test_cases} == {True, False}, "the test fold must hold cases with and without ET"
     report = (run / "report.md").read_text()
     heading = f"## With ET post-processing: predicted ET under {ET_MIN_VOXELS} BraTS voxels"
     post = table_rows(report, heading)
@@ -171,16 +173,16 @@ def test_rerun_skips_finished_stages(kdnet_smoke):
         assert log.read_text().count("$ ") == 1, f"{log} was run again"
 
 
-def test_same_seed_gives_same_numbers(kdnet_smoke, kdnet_fold0_again):
-    """On CPU, fold 0 of a second run with the same seed reproduces every per-case metric."""
+def test_same_seed_gives_same_numbers(kdnet_smoke, kdnet_fold_again):
+    """On CPU, a fold of a second run with the same seed reproduces every per-case metric."""
 
-    def fold0(path: Path) -> list[dict]:
+    def rows_of_fold(path: Path) -> list[dict]:
         with path.open() as f:
-            return [r for r in csv.DictReader(f) if r["fold"] == "0"]
+            return [r for r in csv.DictReader(f) if r["fold"] == str(AGAIN_FOLD)]
 
-    rows = fold0(kdnet_fold0_again / "per_case.csv")
+    rows = rows_of_fold(kdnet_fold_again / "per_case.csv")
     assert {r["model"] for r in rows} == {"teacher", "baseline", "student"} and len(rows) == 3 * 4, "3 models x 4 test cases"
-    assert rows == fold0(kdnet_smoke / "per_case.csv")
+    assert rows == rows_of_fold(kdnet_smoke / "per_case.csv")
 
 
 def test_bad_arguments_fail_cleanly(tmp_path):

@@ -12,7 +12,8 @@ How one case is made (:func:`make_case`):
    grey-matter cortex with sulcal CSF and a thin CSF rim, white matter inside, deep grey
    nuclei, lateral and third ventricles and the interhemispheric fissure.
 2. **Tumour** in one hemisphere: an irregular core (a perturbed ellipsoid plus satellite
-   blobs) layered as necrotic centre, enhancing rim (patchy, absent in some cases) and
+   blobs) layered as necrotic centre, enhancing rim (patchy; absent in 36 % of low-grade cases, as in
+   BraTS 2018) and
    non-enhancing tumour; oedema spreading irregularly through white matter around it, and a
    mass effect that pushes ventricles and midline away.
 3. **Imaging**: per-tissue signal from :data:`CONTRAST` with mild texture, partial-volume
@@ -256,7 +257,10 @@ def draw_tumour(rng: np.random.Generator, grade: str, brain_centre, brain_axes) 
         satellites.append((centre + direction * radius * rng.uniform(0.7, 1.1), radius * rng.uniform(0.3, 0.6)))
     high = grade == "HGG"
     has_necrosis = rng.random() < (0.85 if high else 0.2)
-    has_enhancing = rng.random() < (0.92 if high else 0.3)
+    # Cases without enhancing tumour as counted on the BraTS 2018 training labels: 0 of 210 HGG, 27 of 75 LGG
+    # (a third-party count over all 285 cases: github.com/Heisenberg17J/reto-CIMAT, DECISIONES.md D1/D11, commit
+    # bb09f37). Until commit 418c982 the phantom used 8 % of HGG and 70 % of LGG, a third of all cases.
+    has_enhancing = rng.random() < (1.0 if high else 1 - 27 / 75)
     necrosis = rng.uniform(0.35, 0.6) if has_necrosis else 0.0
     # High grade: an enhancing ring reaching close to the tumour margin; low grade: at most a
     # thin enhancing layer around a small necrosis, most of the core non-enhancing.
