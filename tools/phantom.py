@@ -259,7 +259,7 @@ def draw_tumour(rng: np.random.Generator, grade: str, brain_centre, brain_axes) 
     has_necrosis = rng.random() < (0.85 if high else 0.2)
     # Cases without enhancing tumour as counted on the BraTS 2018 training labels: 0 of 210 HGG, 27 of 75 LGG
     # (a third-party count over all 285 cases: github.com/Heisenberg17J/reto-CIMAT, DECISIONES.md D1/D11, commit
-    # bb09f37). Until commit 418c982 the phantom used 8 % of HGG and 70 % of LGG, a third of all cases.
+    # bb09f37). Before commit c73dec9 the phantom used 8 % of HGG and 70 % of LGG, a third of all cases.
     has_enhancing = rng.random() < (1.0 if high else 1 - 27 / 75)
     necrosis = rng.uniform(0.35, 0.6) if has_necrosis else 0.0
     # High grade: an enhancing ring reaching close to the tumour margin; low grade: at most a
