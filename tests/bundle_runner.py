@@ -31,17 +31,21 @@ LOG_TAIL_LINES = 60
 MLFLOW_BLOCKER = Path(__file__).resolve().parent / "mlflow_blocked"
 
 
+def _pythonpath_without_blocker(env: Mapping[str, str]) -> list[str]:
+    """The entries of ``env``'s ``PYTHONPATH`` other than :data:`MLFLOW_BLOCKER`."""
+    return [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(MLFLOW_BLOCKER)]
+
+
 def block_mlflow_in_subprocesses() -> None:
     """Put :data:`MLFLOW_BLOCKER` first on ``PYTHONPATH`` for every subprocess started from now on (idempotent)."""
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(MLFLOW_BLOCKER)]
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(MLFLOW_BLOCKER), *paths])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(MLFLOW_BLOCKER), *_pythonpath_without_blocker(os.environ)])
 
 
 def environment(with_mlflow: bool = False, **variables: str) -> dict[str, str]:
     """A copy of ``os.environ`` plus ``variables``; ``with_mlflow`` drops :data:`MLFLOW_BLOCKER` from ``PYTHONPATH``."""
     env = dict(os.environ, **variables)
     if with_mlflow:
-        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(MLFLOW_BLOCKER)]
+        paths = _pythonpath_without_blocker(env)
         env.pop("PYTHONPATH", None)
         if paths:
             env["PYTHONPATH"] = os.pathsep.join(paths)

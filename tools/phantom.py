@@ -13,8 +13,7 @@ How one case is made (:func:`make_case`):
    nuclei, lateral and third ventricles and the interhemispheric fissure.
 2. **Tumour** in one hemisphere: an irregular core (a perturbed ellipsoid plus satellite
    blobs) layered as necrotic centre, enhancing rim (patchy; absent in 36 % of low-grade cases, as in
-   BraTS 2018) and
-   non-enhancing tumour; oedema spreading irregularly through white matter around it, and a
+   BraTS 2018) and non-enhancing tumour; oedema spreading irregularly through white matter around it, and a
    mass effect that pushes ventricles and midline away.
 3. **Imaging**: per-tissue signal from :data:`CONTRAST` with mild texture, partial-volume
    blur, a smooth multiplicative bias field, per-case intensity scale and in-brain offset,

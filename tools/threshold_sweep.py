@@ -23,8 +23,6 @@ import torch
 from tools.modality_occlusion import evaluated_model_dir, head_logits, load_model
 
 REGIONS = ("tc", "wt", "et")  # the sigmoid head's channel order
-
-
 UNDECIDED = (0.1, 0.9)  # a probability strictly between these is "undecided"
 
 
@@ -48,8 +46,9 @@ def sweep(model_dir: Path, thresholds: list[float], temperature: float = 1.0) ->
             in_brain = probabilities[c][brain]
             if in_brain.numel():
                 undecided[region].append(float(((in_brain > UNDECIDED[0]) & (in_brain < UNDECIDED[1])).float().mean()))
-            if (brain & ~reference[c]).any():
-                outside[region].append(float(probabilities[c][brain & ~reference[c]].mean()))
+            background = brain & ~reference[c]
+            if background.any():
+                outside[region].append(float(probabilities[c][background].mean()))
             if not reference[c].any():
                 continue
             inside[region].append(float(probabilities[c][reference[c]].mean()))
