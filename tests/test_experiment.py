@@ -115,7 +115,7 @@ def test_kdnet_per_case_csv_and_summary(kdnet_smoke):
 
 
 def test_et_postprocessing_is_evaluated_and_reported_both_ways(kdnet_fold_again):
-    """Fold 0 (one fold: a cell is the mean, no spread; the 2-fold mean ± std cells of the same table code are
+    """Fold :data:`AGAIN_FOLD` (one fold: a cell is the mean, no spread; the 2-fold mean ± std cells of the same table code are
     checked on Table 1 above)."""
     import nibabel as nib
     import numpy as np

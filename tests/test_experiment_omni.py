@@ -107,12 +107,11 @@ def test_omni_smoke_fold0_reports_every_model_and_paired_tests(tmp_path):
     assert_table_matches_summary(report, summary, runs=1)
     test_cases = sum(1 for case in datalist["training"] if case["fold"] == 0)
     assert_paired_tests_match_summary(report, summary, read_per_case(out / "per_case.csv"), cases=test_cases)
-    for fold in (0,):
-        combined = json.loads((out / f"fold{fold}" / "pseudo_labels" / "datalist.json").read_text())
-        sources = [c["source"] for c in combined["training"]]
-        assert sources.count("manual") == len(datalist["training"])
-        assert sources.count("pseudo") + len(combined.get("dropped", [])) == len(datalist["unlabeled"]) > 0
-        assert combined["pseudo_label"]["tta"] is True  # the submission's 4 flips, the pseudo-labeller's default
+    combined = json.loads((out / "fold0" / "pseudo_labels" / "datalist.json").read_text())
+    sources = [c["source"] for c in combined["training"]]
+    assert sources.count("manual") == len(datalist["training"])
+    assert sources.count("pseudo") + len(combined.get("dropped", [])) == len(datalist["unlabeled"]) > 0
+    assert combined["pseudo_label"]["tta"] is True  # the submission's 4 flips, the pseudo-labeller's default
 
 
 # ------------------------------------------------------------------------------------------ data seeds
