@@ -139,3 +139,39 @@ def test_the_planned_experiments_declare_what_each_stage_reads(tmp_path):
     assert omni["fold0/manual_student/train"].needs == ()
     check_dependencies(kd)
     check_dependencies(list(omni.values()))
+
+
+def train_stage(tmp_path: Path, name: str, epochs: int, needs: tuple[str, ...] = ()) -> Stage:
+    stage = fake_stage(tmp_path, name, needs)
+    stage.kind, stage.epochs = "train", epochs
+    stage.overrides = {"ckpt_dir": str(stage.folder / "models")}  # no checkpoint: not trained yet
+    return stage
+
+
+def kd_fold(tmp_path: Path, fold: int) -> list[Stage]:
+    teacher = train_stage(tmp_path, f"fold{fold}/teacher/train", 80)
+    return [
+        teacher,
+        train_stage(tmp_path, f"fold{fold}/baseline/train", 80),
+        train_stage(tmp_path, f"fold{fold}/student/train", 80, needs=(teacher.name,)),
+        fake_stage(tmp_path, f"fold{fold}/student/evaluate", needs=(f"fold{fold}/student/train",)),
+    ]
+
+
+def test_remaining_path_is_the_longest_chain_of_dependents(tmp_path):
+    path = experiment.remaining_path(kd_fold(tmp_path, 0))
+    # teacher 80 + student 80 + evaluation 1; the baseline has no dependents here
+    assert path == {"fold0/teacher/train": 161, "fold0/baseline/train": 80, "fold0/student/train": 81,
+                    "fold0/student/evaluate": 1}
+
+
+def test_teachers_start_first_so_no_student_runs_alone_at_the_end(fake, tmp_path):
+    """Planned order T0 B0 S0 T1 B1 S1: in that order two slots end with a student alone; by critical
+    path both teachers run first, then the students and baselines in pairs."""
+    fake.seconds = 0.15
+    stages = kd_fold(tmp_path, 0) + kd_fold(tmp_path, 1)
+    run_stages(stages, tmp_path, jobs=2)
+    first_two = sorted(fake.spans, key=lambda n: fake.spans[n][0])[:2]
+    assert sorted(first_two) == ["fold0/teacher/train", "fold1/teacher/train"]
+    baselines_start = min(fake.spans[f"fold{f}/baseline/train"][0] for f in (0, 1))
+    assert all(fake.spans[f"fold{f}/teacher/train"][1] <= baselines_start + 0.05 for f in (0, 1))

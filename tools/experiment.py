@@ -330,12 +330,31 @@ def check_dependencies(stages: list[Stage]) -> None:
         seen.add(stage.name)
 
 
+def remaining_path(stages: list[Stage]) -> dict[str, int]:
+    """Per stage, the cost of the longest chain of stages that starts with it (it, then what needs it, ...).
+
+    A training costs its epochs, any other stage 1: a rough duration, enough to rank the stages. Starting the
+    stage with the longest chain first (a teacher before a baseline: the teacher's student waits for it) keeps
+    a long stage from running alone at the end while the other cores idle (list scheduling by critical path).
+    """
+    dependents: dict[str, list[str]] = {s.name: [] for s in stages}
+    for stage in stages:
+        for need in stage.needs:
+            dependents.setdefault(need, []).append(stage.name)
+    cost = {s.name: max(1, s.epochs) if s.kind == "train" else 1 for s in stages}
+    path: dict[str, int] = {}
+    for stage in reversed(stages):  # check_dependencies: every dependent comes after what it needs
+        path[stage.name] = cost[stage.name] + max((path[d] for d in dependents[stage.name]), default=0)
+    return path
+
+
 def run_stages(stages: list[Stage], out: Path, jobs: int = 1) -> dict:
     """Run the unfinished stages with progress bars, up to ``jobs`` at once; wall times go to ``stages.json``.
 
-    A stage starts when every stage it ``needs`` is done, in the order of ``stages`` (so with
-    ``jobs=1`` the order is exactly the list's). When a stage fails, the others still running are
-    stopped (their trainings resume on the next run) and :class:`StageFailed` is raised.
+    A stage starts when every stage it ``needs`` is done. With ``jobs=1`` the order is exactly the list's;
+    with more, the ready stage with the longest chain of dependents goes first (:func:`remaining_path`),
+    ties in list order. Which stage runs when does not change any stage's result. When a stage fails, the
+    others still running are stopped (their trainings resume on the next run) and :class:`StageFailed` is raised.
     """
     import json
 
@@ -346,7 +365,9 @@ def run_stages(stages: list[Stage], out: Path, jobs: int = 1) -> dict:
     records_file = out / "stages.json"
     records = json.loads(records_file.read_text()) if records_file.exists() else {}
     threads = threads_per_job(jobs)
-    pending, done, running = list(stages), set(), {}
+    path = remaining_path(stages)
+    pending = sorted(stages, key=lambda s: -path[s.name]) if jobs > 1 else list(stages)  # sorted() is stable
+    done, running = set(), {}
 
     def launch(pool: ThreadPoolExecutor, stage: Stage):
         bar = (
