@@ -19,10 +19,12 @@ from .config import as_flag
 __all__ = [
     "AutocastInferer",
     "autocast_dtype",
+    "channels_last",
     "configure_backends",
     "every_n_iterations",
     "output_loss",
     "needs_grad_scaler",
+    "place_network",
     "rank_partition",
 ]
 
@@ -92,6 +94,28 @@ def configure_backends(device: str | torch.device, deterministic: bool = False) 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device
+
+
+def channels_last(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """``network`` with its 3-D convolution weights in channels-last (NDHWC) layout when ``enabled``.
+
+    The convolutions' outputs then stay channels-last, which oneDNN runs faster on the CPU (a KD-Net
+    training step at 32³, batch 2, one thread: 0.13 s against 0.17 s; docs/performance.md). The weights
+    are the same numbers in another memory order: ``model.pt`` loads into a network of either layout.
+    Networks with 4-D (2-D convolution) weights or without 5-D ones are returned unchanged.
+    """
+    dims = {p.dim() for p in network.parameters()}
+    if not as_flag(enabled) or 5 not in dims or 4 in dims:  # channels_last_3d would refuse a 4-D weight
+        return network
+    return network.to(memory_format=torch.channels_last_3d)
+
+
+def place_network(network: torch.nn.Module, device: str | torch.device, channels_last_3d: bool = True) -> torch.nn.Module:
+    """``network`` on ``device``, in channels-last layout when ``channels_last_3d`` (:func:`channels_last`).
+
+    The training configs' ``network`` (``"_target_": "brats_kd.device.place_network"``).
+    """
+    return channels_last(network, channels_last_3d).to(_device(device))
 
 
 def _to_float32(output: Any) -> Any:

@@ -118,3 +118,18 @@ def test_train_throughput_reports_every_model_with_data_wait_and_peak_memory(tmp
     assert result["gpu_config"] is (gpu_config == "true") and result["spatial_size"] == [16, 16, 16]
     assert result["memory_method"].startswith(("VmHWM", "ru_maxrss"))
     check_environment(result)
+
+
+@pytest.mark.slow
+def test_cpu_kernels_reports_both_batch_paths_and_layouts_of_every_network(tmp_path):
+    result = run_bench(tmp_path, "cpu-kernels", "--steps", "1", "--warmup", "1")
+    assert set(result["networks"]) == {"kdnet_encoder_decoder", "ensemble_unet", "ensemble_resunet", "ensemble_cascade"}
+    for name, row in result["networks"].items():
+        for key in ("infer_s_per_sample_batch1", "infer_s_per_sample_batch2", "train_step_s_contiguous",
+                    "train_step_s_channels_last"):
+            assert positive(row[key]), (name, key)
+        assert row["train_contiguous_over_channels_last"] == pytest.approx(
+            row["train_step_s_contiguous"] / row["train_step_s_channels_last"], rel=0.02)
+        # the premise of val_batch_size / sw_batch_size: one 32³ sample runs PyTorch's native kernel, two run oneDNN
+        assert row["slow_conv3d_calls_batch1"] > row["slow_conv3d_calls_batch2"], name
+    check_environment(result)

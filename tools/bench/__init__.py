@@ -4,9 +4,11 @@
     python -m tools.bench loader --json OUT.json [--teacher-mode online|cached|both]
     python -m tools.bench inference --json OUT.json [--size 240]
     python -m tools.bench train-throughput --json OUT.json [--device cpu|cuda] [--spatial-size 64] [--batch-size 2] [--steps 10]
+    python -m tools.bench cpu-kernels --json OUT.json [--spatial-size 32] [--batch 2] [--steps 10]
 
 One module per benchmark (:mod:`tools.bench.kd_overhead`, :mod:`tools.bench.loader`,
-:mod:`tools.bench.inference`, :mod:`tools.bench.train_throughput`), shared helpers in :mod:`tools.bench.common`.
+:mod:`tools.bench.inference`, :mod:`tools.bench.train_throughput`, :mod:`tools.bench.cpu_kernels`), shared helpers
+in :mod:`tools.bench.common`.
 
 Every figure of one command comes from one process run: variants are interleaved (round-robin
 blocks, rotating order) so that drifting machine load hits them alike, and medians are reported.
