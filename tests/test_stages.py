@@ -55,3 +55,22 @@ def test_every_override_the_runner_passes_is_defined(preset, tmp_path):
     assert len({s.bundle for s in stages}) == 4
     for s in stages:
         check_overrides(s)
+
+
+@pytest.mark.parametrize("dice_squared", [True, False])
+def test_the_omni_dice_form_reaches_every_network_it_trains(dice_squared, tmp_path):
+    stages = omni_stages(tmp_path, 0, tmp_path / "datalist.json", PRESETS["quick"], 0, dice_squared)
+    trainings = [s for s in stages if s.kind == "train"]
+    assert {s.name.split("/")[1] for s in trainings} == {"member_unet", "member_resunet", "member_cascade", "omni_student",
+                                                          "manual_student"}
+    assert all(s.overrides["dice_squared"] is dice_squared for s in trainings)
+    for s in stages:
+        check_overrides(s)  # every stage that receives it defines it
+
+
+def test_a_bad_dice_form_is_refused_before_anything_is_written(tmp_path):
+    from tools.experiment import omni
+
+    with pytest.raises(ValueError, match="--dice_squared: expected a boolean flag"):
+        omni(out=str(tmp_path / "omni"), preset="smoke", dice_squared="squared")
+    assert not (tmp_path / "omni").exists()

@@ -27,6 +27,7 @@ from pathlib import Path
 import fire
 from tqdm.auto import tqdm
 
+from brats_kd.config import as_flag
 from brats_kd.io import write_json_atomic
 from tools import official_metrics as official_metrics_module
 from tools.prepare import DatasetError, UsageError
@@ -431,7 +432,7 @@ def folds_to_run(num_folds: int, run_folds) -> list[int]:
 
 
 # Options that change what a finished stage holds: a rerun with another value would reuse stale trainings.
-MODEL_OPTIONS = ("activation", "dice_batch", "epochs", "teacher_epochs", "teacher_mode")
+MODEL_OPTIONS = ("activation", "dice_batch", "dice_squared", "epochs", "teacher_epochs", "teacher_mode")
 
 
 def check_same_models(record: Path, wanted: dict) -> None:
@@ -690,8 +691,9 @@ MEMBERS = ("unet", "resunet", "cascade")
 SHARED_TRAINING_KEYS = ("epochs", "val_interval", "batch_size", "num_workers", "learning_rate")
 
 
-def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int) -> list[Stage]:
-    """Lachinov et al. on one fold: members, ensemble, pseudo-labels, omni-student, manual-only student."""
+def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int, dice_squared: bool = True) -> list[Stage]:
+    """Lachinov et al. on one fold: members, ensemble, pseudo-labels, omni-student, manual-only student; every network
+    trained with the paper's Dice (squared denominators) or, with ``dice_squared=False``, the plain form."""
     fold_dir = root / f"fold{fold}"
     models_dir = fold_dir / "ensemble_models"
     common = {
@@ -701,6 +703,7 @@ def omni_stages(root: Path, fold: int, datalist: Path, preset: Preset, seed: int
         "fold": fold,
         "seed": seed,
         "resume": True,
+        "dice_squared": dice_squared,
     }
     stages = []
     for member in MEMBERS:
@@ -788,6 +791,7 @@ def omni(
     jobs: int | None = None,
     seeds=None,
     device: str | None = None,
+    dice_squared: bool = True,
 ) -> str:
     """Lachinov et al.: ensemble members, ensemble, pseudo-labelling, omni-student and manual-only student per fold.
 
@@ -803,17 +807,23 @@ def omni(
             in ``<out>/seed<s>`` with its own phantom, split and training seed; the report in ``out`` pools every
             (seed, fold) run: mean ± std over those runs, paired tests over all their test cases.
         device: ``cuda``: every bundle run built on train.json merges its ``configs/gpu.json``, as for ``kdnet``.
+        dice_squared: the Dice term of every network: ``true`` the paper's 1 - 2 sum(pg) / (sum(p^2) + sum(g^2)),
+            ``false`` the plain 1 - 2 sum(pg) / (sum(p) + sum(g)) (the bundles' ``dice_squared``).
     """
     check_device(device)
+    try:  # a bad word fails here, before anything is written
+        dice_squared = as_flag(dice_squared)
+    except ValueError as err:
+        raise ValueError(f"--dice_squared: {err}") from None
     jobs = 1 if jobs is None and device == "cuda" else jobs  # one GPU: stages one at a time
     if seeds is not None:
-        return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs, device)
+        return omni_over_seeds(data, out, preset, folds, seeds, run_folds, jobs, device, dice_squared)
     parallel = parallelism(jobs)
-    options = {"run_folds": run_folds, "device": device, **parallel}
+    options = {"run_folds": run_folds, "device": device, "dice_squared": dice_squared, **parallel}
     root, chosen, num_folds, fold_list = _start("omni", data, out, preset, folds, seed, run_folds, options)
     start = time.monotonic()
     datalist = prepare_data(data, root, chosen, num_folds, seed, need_unlabeled=True)
-    stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed)]
+    stages = [stage for fold in fold_list for stage in omni_stages(root, fold, datalist, chosen, seed, dice_squared)]
     run_stages(use_gpu_configs(stages, device), root, parallel["jobs"])
     return _finish_report(root, start)
 
@@ -828,15 +838,16 @@ def data_seeds(seeds) -> list[int]:
 
 
 def omni_over_seeds(
-    data: str, out: str, preset: str, folds: int | None, seeds, run_folds, jobs: int | None, device: str | None = None
+    data: str, out: str, preset: str, folds: int | None, seeds, run_folds, jobs: int | None, device: str | None = None,
+    dice_squared: bool = True,
 ) -> str:
     """:func:`omni` once per data seed into ``<out>/seed<s>``, then one report over every (seed, fold) run in ``out``."""
     chosen = data_seeds(seeds)
-    options = {"run_folds": run_folds, "seeds": chosen, **parallelism(jobs)}
+    options = {"run_folds": run_folds, "seeds": chosen, "dice_squared": dice_squared, **parallelism(jobs)}
     root = _start("omni", data, out, preset, folds, chosen, run_folds, options)[0]
     start = time.monotonic()
     for seed in chosen:
-        omni(data, str(root / f"seed{seed}"), preset, folds, seed, run_folds, jobs, device=device)
+        omni(data, str(root / f"seed{seed}"), preset, folds, seed, run_folds, jobs, device=device, dice_squared=dice_squared)
     from tools.report import write_report
 
     report = write_report(root)
