@@ -41,8 +41,12 @@ from tools.package import build
 pytestmark = pytest.mark.slow
 
 VENV = Path(os.environ.get("MONAILABEL_VENV", ROOT / ".venv-monailabel"))
-#: the bundles MONAI Label serves (docs/monailabel.md); a missing config fails the test, never drops the bundle
-STUDENTS = ["kd_student", "omni_student"]
+#: served name -> (bundle, the modalities its weights record; None: the bundle's default) (docs/monailabel.md); a missing
+#: config fails the test, never drops the bundle. kd_student_flair: a KD student trained on FLAIR, packaged from its
+#: weights' record, must be fed the FLAIR image and give what its own packaged inference.json gives.
+SERVED = {"kd_student": ("kd_student", None), "omni_student": ("omni_student", None),
+          "kd_student_flair": ("kd_student", ["flair"])}
+STUDENTS = list(SERVED)
 BRATS_VALUES = {0, 1, 2, 4}
 #: metadata channel names -> phantom (BraTS 2021) file suffixes
 MODALITY_FILES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
@@ -52,13 +56,18 @@ START_ATTEMPTS = 3
 INFER_TIMEOUT_S = 300
 
 
-def metadata(name: str) -> dict:
-    return json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+def served_bundle(server: dict, name: str) -> Path:
+    """The unpacked zip MONAI Label serves as ``name``."""
+    return server["app"] / "model" / name
 
 
-def expected_labels(name: str) -> dict[str, int]:
+def metadata(server: dict, name: str) -> dict:
+    return json.loads((served_bundle(server, name) / "configs" / "metadata.json").read_text())
+
+
+def expected_labels(server: dict, name: str) -> dict[str, int]:
     """What MONAI Label's BundleInferTask derives from channel_def: lower-cased name -> value, no background."""
-    channel_def = metadata(name)["network_data_format"]["outputs"]["pred"]["channel_def"]
+    channel_def = metadata(server, name)["network_data_format"]["outputs"]["pred"]["channel_def"]
     return {v.lower(): int(k) for k, v in channel_def.items() if v.lower() != "background"}
 
 
@@ -115,9 +124,9 @@ def phantom_case(tmp_path_factory) -> Path:
     return case
 
 
-def input_image(name: str, case: Path, out_dir: Path) -> Path:
+def input_image(server: dict, name: str, case: Path, out_dir: Path) -> Path:
     """The file MONAI Label receives for ``name``: the one modality, or the modalities stacked as a 4-D NIfTI."""
-    channels = metadata(name)["network_data_format"]["inputs"]["image"]["channel_def"]
+    channels = metadata(server, name)["network_data_format"]["inputs"]["image"]["channel_def"]
     files = [case / f"{case.name}_{MODALITY_FILES[channels[str(i)].lower()]}.nii.gz" for i in range(len(channels))]
     if len(files) == 1:
         return files[0]
@@ -131,9 +140,9 @@ def input_image(name: str, case: Path, out_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(monailabel_python, tmp_path_factory):
     """A MONAI Label server on 127.0.0.1 serving every student bundle; always stopped afterwards."""
-    for name in STUDENTS:
+    for bundle, _ in SERVED.values():
         for config in ("inference.json", "metadata.json"):
-            assert (BUNDLES / name / "configs" / config).is_file(), f"{name} has no configs/{config} to serve"
+            assert (BUNDLES / bundle / "configs" / config).is_file(), f"{bundle} has no configs/{config} to serve"
     work = tmp_path_factory.mktemp("monailabel")
     prefix = subprocess.run(
         [str(monailabel_python), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True
@@ -142,17 +151,21 @@ def server(monailabel_python, tmp_path_factory):
     assert (sample_app / "main.py").is_file(), f"no monaibundle sample app in {sample_app}"
     app = work / "app"
     shutil.copytree(sample_app, app)
-    for name in STUDENTS:
+    for name, (source, modalities) in SERVED.items():
+        # randomly initialised weights; a student on other modalities records them, as its training's model.pt does
+        torch.manual_seed(0)
+        settings = {"student_modalities": modalities} if modalities else {}
+        network = bundle_config(BUNDLES / source, "inference.json", **settings).get_parsed_content("network_def")
+        weights = work / "weights" / name / "model.pt"
+        weights.parent.mkdir(parents=True)
+        record = {"record": {"activation": "sigmoid", "modalities": modalities}} if modalities else {}
+        torch.save({"model": network.state_dict(), **record}, weights)
         # the zip tools.package makes, brats_kd vendored inside: .venv-monailabel does not have brats_kd installed
         zip_path = work / "dist" / f"{name}.zip"
-        build(BUNDLES / name, zip_path)  # returns the zip's member names
+        build(BUNDLES / source, zip_path, weights)  # returns the zip's member names
         zipfile.ZipFile(zip_path).extractall(app / "model")
         bundle = app / "model" / name
-        assert (bundle / "brats_kd" / "__init__.py").is_file()
-        (bundle / "models").mkdir()
-        torch.manual_seed(0)
-        network = bundle_config(BUNDLES / name, "inference.json").get_parsed_content("network_def")
-        torch.save({"model": network.state_dict()}, bundle / "models" / "model.pt")
+        assert (bundle / "brats_kd" / "__init__.py").is_file() and (bundle / "models" / "model.pt").is_file()
     studies = work / "studies"
     studies.mkdir()
     home = work / "home"
@@ -218,20 +231,24 @@ def test_info_lists_the_bundle_with_labels_from_channel_def(server, name):
     assert name in models, f"{name} not served; models: {sorted(models)}\n{log_tail(server['log'].read_text())}"
     assert models[name]["type"] == "segmentation"
     assert models[name]["dimension"] == 3
-    assert models[name]["labels"] == expected_labels(name)
-    assert set(expected_labels(name).values()) == BRATS_VALUES - {0}, "channel_def must name the BraTS labels 1, 2, 4"
+    assert models[name]["labels"] == expected_labels(server, name)
+    assert set(expected_labels(server, name).values()) == BRATS_VALUES - {0}, "channel_def must name the BraTS labels 1, 2, 4"
+    modalities = SERVED[name][1]
+    if modalities:  # the packaged metadata describes the weights' inputs, not the bundle's default T1ce
+        channels = metadata(server, name)["network_data_format"]["inputs"]["image"]["channel_def"]
+        assert channels == {str(i): m.upper() for i, m in enumerate(modalities)}
 
 
 @pytest.mark.parametrize("name", STUDENTS)
 def test_infer_returns_the_bundles_label_map_in_the_input_geometry(server, name, phantom_case, tmp_path):
-    image_path = input_image(name, phantom_case, tmp_path)
+    image_path = input_image(server, name, phantom_case, tmp_path)
     try:
         content_type, body = post_file(f"{server['base']}/infer/{name}?output=all", image_path, INFER_TIMEOUT_S)
     except urllib.error.HTTPError as err:
         pytest.fail(f"/infer/{name} answered {err.code}: {err.read()[:2000]!r}\n{log_tail(server['log'].read_text())}")
     parts = parse_multipart(content_type, body)
     params = json.loads(parts["params"].get_content())
-    assert params["label_names"] == expected_labels(name)
+    assert params["label_names"] == expected_labels(server, name)
 
     label_path = tmp_path / "served.nii.gz"
     label_path.write_bytes(parts["image"].get_content())
@@ -245,25 +262,23 @@ def test_infer_returns_the_bundles_label_map_in_the_input_geometry(server, name,
 
     # the same weights through the bundle's own inference.json (in this process: no second interpreter start)
     out = tmp_path / "bundle_output"
-    bundle_inference(name, weights=server["app"] / "model" / name / "models", input_dir=phantom_case.parent, out=out)
+    bundle_inference(served_bundle(server, name), input_dir=phantom_case.parent, out=out)
     offline = nib.load(out / f"{phantom_case.name}.nii.gz")
     np.testing.assert_array_equal(np.asarray(offline.dataobj), labels)
     np.testing.assert_allclose(offline.affine, served.affine, atol=1e-4)
 
 
-def bundle_inference(name: str, weights: Path, input_dir: Path, out: Path) -> None:
-    """Run ``name``'s inference.json as ``monai.bundle run`` would, on a folder of case folders
-    (one file per modality, stacked in the model's order by the bundle)."""
+def bundle_inference(root: Path, input_dir: Path, out: Path) -> None:
+    """Run the bundle folder ``root``'s inference.json with its own ``models/model.pt``, as ``monai.bundle run`` would,
+    on a folder of case folders (one file per modality, stacked in the model's order by the bundle)."""
     from monai.bundle import ConfigWorkflow
 
-    root = BUNDLES / name
     workflow = ConfigWorkflow(
         config_file=str(root / "configs" / "inference.json"),
         workflow_type="infer",
         logging_file=False,
         bundle_root=str(root),
         input_dir=str(input_dir),
-        ckpt_dir=str(weights),
         output_dir=str(out),
     )
     workflow.initialize()

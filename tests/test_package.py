@@ -174,3 +174,43 @@ def test_a_zip_unpacked_alone_trains_and_infers_without_the_installed_package(da
     probe_line, *sources = imported_from.read_text().splitlines()
     assert probe_line == "not imported"
     assert len(sources) == 2 and all(Path(f).is_relative_to(bundle / "brats_kd") for f in sources), sources
+
+
+def zipped_json(zip_path: Path, member: str) -> dict:
+    return json.loads(zipfile.ZipFile(zip_path).read(f"{zip_path.stem}/{member}"))
+
+
+def test_a_student_on_other_modalities_is_packaged_for_the_inputs_its_weights_record(tmp_path):
+    """A T1+T2 student's model.pt records ["t1", "t2"]: the zip's configs and metadata follow it, and MONAI's
+    bundle API then builds a 2-channel network the weights load into (the check's forward pass)."""
+    weights = tmp_path / "t1_t2.pt"
+    state = random_weights(weights, student_modalities=["t1", "t2"])
+    torch.save({"model": state, "record": {"activation": "sigmoid", "modalities": ["t1", "t2"]}}, weights)
+    result = package(str(STUDENT), str(tmp_path / "kd_t1_t2.zip"), weights=str(weights))
+    zip_path = tmp_path / "kd_t1_t2.zip"
+    for config in ("inference.json", "train.json", "evaluate.json"):
+        assert zipped_json(zip_path, f"configs/{config}").get("student_modalities", ["t1", "t2"]) == ["t1", "t2"], config
+    assert zipped_json(zip_path, "configs/inference.json")["student_modalities"] == ["t1", "t2"]
+    image = zipped_json(zip_path, "configs/metadata.json")["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 2 and image["channel_def"] == {"0": "T1", "1": "T2"}
+    assert result["check"]["networks"]["network_def"]["input"][1] == 2
+    # the bundle in the repository is untouched: still the default T1ce student
+    assert json.loads((STUDENT / "configs" / "inference.json").read_text())["student_modalities"] == ["t1ce"]
+
+
+def test_student_modalities_name_the_inputs_of_weights_without_a_record_and_may_not_contradict_one(tmp_path):
+    plain = tmp_path / "flair.pt"
+    random_weights(plain, student_modalities=["flair"])  # {"model": ...} only, as before model.pt had a record
+    build(STUDENT, tmp_path / "flair.zip", plain, "flair")
+    meta = zipped_json(tmp_path / "flair.zip", "configs/metadata.json")
+    assert meta["network_data_format"]["inputs"]["image"]["channel_def"] == {"0": "FLAIR"}
+    assert zipped_json(tmp_path / "flair.zip", "configs/inference.json")["student_modalities"] == ["flair"]
+
+    recorded = tmp_path / "recorded.pt"
+    torch.save({"model": torch.load(plain, weights_only=True)["model"],
+                "record": {"activation": "sigmoid", "modalities": ["flair"]}}, recorded)
+    with pytest.raises(PackageError, match=r"--student_modalities \['t2'\] contradicts the weights .* record \['flair'\]"):
+        build(STUDENT, tmp_path / "wrong.zip", recorded, "t2")
+    assert not (tmp_path / "wrong.zip").exists()
+    with pytest.raises(PackageError, match="has no student_modalities"):
+        build(BUNDLES / "teacher", tmp_path / "teacher.zip", None, "flair")

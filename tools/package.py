@@ -1,6 +1,7 @@
 """Package a bundle as a model-zoo zip and check that MONAI loads it offline.
 
     python -m tools.package --bundle bundles/kd_student --out dist/kd_student.zip [--weights PATH] [--check true]
+        [--student_modalities flair]
 
 The zip holds one folder named after the zip (``kd_student/``, the layout ``monai.bundle.download``
 and ``load_bundle_config`` expect) with the bundle's ``configs``, ``docs``, ``LICENSE``,
@@ -12,6 +13,13 @@ for a bundle of several networks, ``models/<member>/model.pt``. Training outputs
 ``configs/datalist.json`` (it holds a user's data paths) are left out. The zipped ``metadata.json``
 records the copy under the custom key ``"vendored_packages": {"brats_kd": "<version>"}``
 (``required_packages_version`` names packages to install from an index, which ``brats_kd`` is not).
+
+A KD student trained on other modalities than the default T1ce (``student_modalities``) is packaged as
+what it is: its ``model.pt`` records its input modalities, and the zip's configs (every one that sets
+``student_modalities``) and ``metadata.json`` (input channels, ``channel_def``, ``image_classes``:
+:func:`brats_kd.modalities.metadata_overrides`) are written for them, so MONAI Label and the zoo tools
+feed it the right images. ``--student_modalities`` names them for weights that do not record them, and
+is refused when it contradicts the record.
 
 The check runs in a fresh interpreter, as a user of the zip would: ``monai.bundle.load_bundle_config``
 reads the metadata and ``inference.json`` from the zip, ``monai.bundle.download`` unpacks it from its
@@ -48,6 +56,54 @@ class PackageError(RuntimeError):
     """The bundle cannot be packaged, or the package does not load."""
 
 
+def recorded_modalities(weights: Path) -> list[str] | None:
+    """The input modalities a checkpoint records (``{"model": ..., "record": {"modalities": [...]}}``), or None."""
+    import torch
+
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    record = checkpoint.get("record") if isinstance(checkpoint, dict) else None
+    modalities = record.get("modalities") if isinstance(record, dict) else None
+    return list(modalities) if modalities else None
+
+
+def student_inputs(bundle: Path, weight_files: list[tuple[Path, str]], requested=None) -> list[str] | None:
+    """The modalities to package a student bundle for: the weights' record, else ``requested`` (a list or a
+    comma-separated string), else None (the bundle's own configs unchanged). Only for bundles whose
+    ``inference.json`` sets ``student_modalities``."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    if isinstance(requested, str):
+        requested = [m.strip() for m in requested.split(",") if m.strip()]
+    if "student_modalities" not in config:
+        if requested:
+            raise PackageError(f"--student_modalities: {bundle.name} has no student_modalities config value")
+        return None
+    recorded = recorded_modalities(weight_files[0][0]) if len(weight_files) == 1 else None
+    if recorded is not None and requested and list(requested) != recorded:
+        raise PackageError(
+            f"--student_modalities {list(requested)} contradicts the weights {weight_files[0][0]}, which record "
+            f"{recorded}: the network was trained on those"
+        )
+    chosen = recorded or (list(requested) if requested else None)
+    if chosen is None or chosen == config["student_modalities"]:
+        return None
+    from brats_kd.modalities import metadata_overrides
+
+    try:
+        metadata_overrides(chosen)  # names every modality it knows; refuses anything else
+    except ValueError as err:
+        raise PackageError(str(err)) from None
+    return chosen
+
+
+def _with_student_modalities(path: Path, modalities: list[str]) -> bytes | None:
+    """``path``'s JSON with its ``student_modalities`` set to ``modalities``; None when it does not set it."""
+    content = json.loads(path.read_text())
+    if not isinstance(content, dict) or "student_modalities" not in content:
+        return None
+    content["student_modalities"] = list(modalities)
+    return (json.dumps(content, indent=4) + "\n").encode("utf-8")
+
+
 def _bundle_files(bundle: Path) -> Iterator[tuple[Path, str]]:
     """(source file, path inside the bundle) for the code, configs and docs of ``bundle``."""
     for name in INCLUDED:
@@ -70,12 +126,22 @@ def _vendored_files() -> Iterator[tuple[Path, str]]:
             yield path, path.relative_to(ROOT).as_posix()
 
 
-def _packaged_metadata(bundle: Path) -> bytes:
-    """The bundle's metadata.json with the vendored package recorded under ``vendored_packages``."""
+def _packaged_metadata(bundle: Path, modalities: list[str] | None = None) -> bytes:
+    """The bundle's metadata.json with the vendored package recorded under ``vendored_packages`` and, for a
+    student on other ``modalities``, their input description."""
     import brats_kd
 
     meta = json.loads((bundle / METADATA).read_text())
     meta[VENDORED_KEY] = {VENDORED: brats_kd.__version__}
+    if modalities is not None:
+        from brats_kd.modalities import metadata_overrides
+
+        for key, value in metadata_overrides(modalities).items():
+            *parents, last = key.removeprefix("_meta_#").split("#")
+            node = meta
+            for part in parents:
+                node = node[part]
+            node[last] = value
     return (json.dumps(meta, indent=4) + "\n").encode("utf-8")
 
 
@@ -104,7 +170,9 @@ def _weight_files(bundle: Path, weights: str | os.PathLike | None) -> list[tuple
     return [(bundle / name, name) for name in names if (bundle / name).is_file()]
 
 
-def build(bundle: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None = None) -> list[str]:
+def build(
+    bundle: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None = None, student_modalities=None
+) -> list[str]:
     """Write the zip atomically; returns the archive's member names."""
     bundle, out = Path(bundle).resolve(), Path(out).resolve()
     for required in ("configs/metadata.json", "configs/inference.json", "LICENSE"):
@@ -114,13 +182,26 @@ def build(bundle: str | os.PathLike, out: str | os.PathLike, weights: str | os.P
         raise PackageError(f"--out must end in .zip (MONAI names the bundle after it), got {out}")
     name = out.stem
     files = [f for f in _bundle_files(bundle) if f[1] != METADATA] + list(_vendored_files())
-    files += _weight_files(bundle, weights)
+    weight_files = _weight_files(bundle, weights)
+    files += weight_files
+    modalities = student_inputs(bundle, weight_files, student_modalities)
+    rewritten = {}  # configs that set student_modalities, rewritten for the weights' modalities
+    if modalities is not None:
+        for source, rel in files:
+            if rel.startswith("configs/") and rel.endswith(".json"):
+                content = _with_student_modalities(source, modalities)
+                if content is not None:
+                    rewritten[rel] = content
     out.parent.mkdir(parents=True, exist_ok=True)
+
     def write_zip(handle) -> None:
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(f"{name}/{METADATA}", _packaged_metadata(bundle))
+            archive.writestr(f"{name}/{METADATA}", _packaged_metadata(bundle, modalities))
             for source, rel in files:
-                archive.write(source, f"{name}/{rel}")
+                if rel in rewritten:
+                    archive.writestr(f"{name}/{rel}", rewritten[rel])
+                else:
+                    archive.write(source, f"{name}/{rel}")
 
     atomic_write(out, write_zip)
     return [f"{name}/{METADATA}"] + [f"{name}/{rel}" for _, rel in files]
@@ -220,14 +301,16 @@ def verify(zip_path: str | os.PathLike) -> dict:
     return json.loads(lines[-1][len("BUNDLE-CHECK ") :])
 
 
-def package(bundle: str, out: str, weights: str | None = None, check: bool = True) -> dict:
+def package(bundle: str, out: str, weights: str | None = None, check: bool = True, student_modalities=None) -> dict:
     """Zip ``bundle`` into ``out`` (optionally with ``weights`` as models/model.pt) and check it loads.
 
     Returns ``{"zip", "bytes", "files", "weights", "check"}`` (``check``: :func:`verify`'s report).
     """
     if isinstance(check, str):  # fire passes `--check false` through as a string
         check = check.strip().lower() not in ("false", "0", "no", "off")
-    members = build(bundle, out, weights)
+    if isinstance(student_modalities, tuple):  # fire reads `--student_modalities t1,t2` as a tuple
+        student_modalities = list(student_modalities)
+    members = build(bundle, out, weights, student_modalities)
     result = {"zip": str(Path(out).resolve()), "bytes": Path(out).stat().st_size, "files": len(members)}
     result["weights"] = [m.split("/", 1)[1] for m in members if m.endswith(f"/{WEIGHTS_NAME}")]
     if check:
@@ -235,10 +318,10 @@ def package(bundle: str, out: str, weights: str | None = None, check: bool = Tru
     return result
 
 
-def main(bundle: str, out: str, weights: str | None = None, check: bool = True) -> None:
+def main(bundle: str, out: str, weights: str | None = None, check: bool = True, student_modalities=None) -> None:
     """CLI: :func:`package`, its result printed as JSON; exit status 1 with the reason on failure."""
     try:
-        print(json.dumps(package(bundle, out, weights, check), indent=2))
+        print(json.dumps(package(bundle, out, weights, check, student_modalities), indent=2))
     except PackageError as err:
         sys.exit(f"tools.package: {err}")
 
