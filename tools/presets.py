@@ -72,6 +72,9 @@ PRESETS = {
             "lr_patience": 20,
         },
         patch_bundle={
+            # the ensemble and omni_student bundles' own default: validation (sliding windows over whole cases) every
+            # 5th epoch; every epoch it was 46-59 % of a member's epoch here (docs/performance.md section 10)
+            "val_interval": 5,
             "roi_size": [32, 32, 32],
             "unet_features": [8, 8, 16, 32, 64, 8],
             "resunet_init_filters": 8,
