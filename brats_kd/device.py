@@ -1,8 +1,8 @@
-"""The device-dependent parts of training: mixed precision, cuDNN settings, per-rank data.
+"""The device-dependent parts of training: mixed precision, cuDNN settings, per-rank data, memory layout.
 
-The bundles' ``configs/gpu.json`` (merged after ``train.json``) names these functions; the CPU
-defaults of ``train.json`` do not use them. Everything here also runs on the CPU (autocast in
-bfloat16, no GradScaler), which is how it is tested without a GPU.
+The bundles' ``configs/gpu.json`` (merged after ``train.json``) names most of these functions; ``train.json``
+itself uses only :func:`place_network` (the training network on its device, channels-last). Everything here
+also runs on the CPU (autocast in bfloat16, no GradScaler), which is how it is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def channels_last(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Mo
     """``network`` with its 3-D convolution weights in channels-last (NDHWC) layout when ``enabled``.
 
     The convolutions' outputs then stay channels-last, which oneDNN runs faster on the CPU (a KD-Net
-    training step at 32³, batch 2, one thread: 0.13 s against 0.17 s; docs/performance.md). The weights
+    training step at 32³, batch 2, one thread: 0.124 s against 0.149 s; docs/performance.md §9). The weights
     are the same numbers in another memory order: ``model.pt`` loads into a network of either layout.
     Networks with 4-D (2-D convolution) weights or without 5-D ones are returned unchanged.
     """
