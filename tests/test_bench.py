@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,21 @@ def test_cpu_kernels_reports_both_batch_paths_and_layouts_of_every_network(tmp_p
         # the premise of val_batch_size / sw_batch_size: one 32³ sample runs PyTorch's native kernel, two run oneDNN
         assert row["slow_conv3d_calls_batch1"] > row["slow_conv3d_calls_batch2"], name
     check_environment(result)
+
+
+def test_rss_sampler_sees_a_peak_inside_its_block_after_a_higher_lifetime_peak():
+    """Where /proc/self/clear_refs cannot reset the kernel's peak, the benchmarks sample VmRSS instead of reading
+    ru_maxrss, whose lifetime peak can lie before the measured block and report an increase of 0."""
+    import numpy as np
+
+    from tools.bench.inference import RssSampler, _rss_kb
+
+    earlier = np.ones(64 * 2**20 // 8)  # a lifetime peak before the block ...
+    del earlier
+    before = _rss_kb("VmRSS")
+    with RssSampler(interval_s=0.001) as sampler:
+        block = np.ones(48 * 2**20 // 8)  # ... higher than what the block allocates
+        time.sleep(0.05)
+        del block
+    assert sampler.peak_kb - before > 40 * 1024, (before, sampler.peak_kb)
+    assert _rss_kb("VmRSS") - before < 40 * 1024, "the block's memory was returned: only a sampled peak shows it"

@@ -18,6 +18,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from tests.experiment_runs import run_experiment, table_rows
+from tools.presets import PRESETS
 
 OMNI_ROWS = {
     "member_unet": "UNet (No New-Net)",
@@ -105,6 +106,8 @@ def test_omni_smoke_fold0_reports_every_model_and_paired_tests(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     datalist = json.loads((out / "datalist.json").read_text())
     assert_table_matches_summary(report, summary, runs=1)
+    # the header states the settings of the networks this experiment trains: the patch bundles'
+    assert f"- patch-bundle settings (omni): `{json.dumps(PRESETS['smoke'].patch_bundle)}`" in report
     test_cases = sum(1 for case in datalist["training"] if case["fold"] == 0)
     assert_paired_tests_match_summary(report, summary, read_per_case(out / "per_case.csv"), cases=test_cases)
     combined = json.loads((out / "fold0" / "pseudo_labels" / "datalist.json").read_text())

@@ -55,6 +55,7 @@ from tests.bundle_runner import (
     run_commands,
 )
 from tests.test_ensemble_bundle import ENSEMBLE, ENSEMBLE_TINY
+from tests.test_gpu_path import OMNI_TINY
 
 FAULTS = Path(__file__).resolve().parent / "reliability_faults"
 CHECKPOINTS = ("checkpoint.pt", "model.pt")
@@ -825,7 +826,7 @@ def test_a_numerical_fault_stops_the_run_and_leaves_the_checkpoints_byte_identic
 #     loss, NaN gradient, full disk, each from the epoch-1 checkpoints of the killed run
 
 
-OTHER_TRAINERS = ("kd_student", "member")
+OTHER_TRAINERS = ("kd_student", "member", "omni_student")
 
 
 def trainer_run(kind: str, datalist: Path, teacher_ckpt_dir: Path, work: Path) -> dict:
@@ -834,6 +835,9 @@ def trainer_run(kind: str, datalist: Path, teacher_ckpt_dir: Path, work: Path) -
     if kind == "kd_student":
         overrides = dict(TINY, **common, teacher_ckpt=str(teacher_ckpt_dir / "model.pt"), ckpt_dir=str(work / "models"))
         return dict(bundle="kd_student", configs=["train.json"], overrides=overrides, ckpt=work / "models", work=work)
+    if kind == "omni_student":  # on the manual labels only: the pseudo-labelled datalist changes nothing here
+        overrides = dict(OMNI_TINY, **common, ckpt_dir=str(work / "models"))
+        return dict(bundle="omni_student", configs=["train.json"], overrides=overrides, ckpt=work / "models", work=work)
     # the member's folder comes from models_dir + member, as in a user's run
     overrides = dict(ENSEMBLE_TINY, **common, models_dir=str(work / "models"))
     return dict(bundle=ENSEMBLE, configs=["train.json", f"member_{MEMBER}.json"], overrides=overrides,
@@ -844,12 +848,14 @@ def inference_network(kind: str) -> torch.nn.Module:
     """The network that evaluation and inference build for ``kind`` (what model.pt must load into)."""
     if kind == "kd_student":
         return bundle_config("kd_student", "inference.json", **TINY).get_parsed_content("network_def")
+    if kind == "omni_student":
+        return bundle_config("omni_student", "inference.json", **OMNI_TINY).get_parsed_content("network_def")
     return bundle_config(ENSEMBLE, ["train.json", f"member_{MEMBER}.json"], **ENSEMBLE_TINY).get_parsed_content("network_def")
 
 
 @pytest.fixture(scope="module")
 def trainer_faults(datalist, trained_teacher_run, tmp_path_factory) -> dict:
-    """Phase 1: the KD student and the member train 2 epochs and kill themselves in the second step of
+    """Phase 1: the KD student, the member and the omni-student train 2 epochs and kill themselves in the second step of
     epoch 2 (``kill.json``); the member's checkpoint folder is also tried as a file. Phase 2, side by
     side: each killed run resumed, and NaN loss, NaN gradient and a full disk, each on a copy of the
     killed run's epoch-1 checkpoints, resuming into epoch 2."""

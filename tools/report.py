@@ -238,6 +238,10 @@ def write_report(out: str | Path) -> Path:
         f"- data: {experiment.get('data', '?')}; folds: {experiment.get('folds', '?')}; "
         f"seed: {experiment.get('seed', '?')}; preset: {preset.get('name', '?')}",
         f"- bundle settings: `{json.dumps(preset.get('bundle', {}))}`",
+        *(  # omni's networks are the patch bundles': their settings override the shared ones
+            [f"- patch-bundle settings (omni): `{json.dumps(preset.get('patch_bundle', {}))}`"]
+            if experiment.get("experiment") == "omni" and preset.get("patch_bundle") else []
+        ),
         f"- versions: python {env.get('python')}, torch {env.get('torch')}, monai {env.get('monai')}, "
         f"numpy {env.get('numpy')}; device: {env.get('device')}",
         f"- git commit: `{env.get('git_commit')}`{' (with uncommitted changes)' if env.get('git_dirty') else ''}",

@@ -29,7 +29,7 @@ from tools.bench.common import (
     environment,
 )
 from tools.bench.gpu_check import write_phantom
-from tools.bench.inference import _peak_kb, _reset_peak_rss, _rss_kb
+from tools.bench.inference import RssSampler, _reset_peak_rss, _rss_kb
 
 #: variant -> (bundle, extra config files, extra overrides); teacher_copy is the A/A control of teacher
 VARIANTS = {
@@ -134,14 +134,19 @@ def _run_interleaved(variants: dict[str, Variant], steps: int, warmup: int, bloc
             else:
                 _reset_peak_rss()
                 before = _rss_kb("VmRSS") * 1024
-            for i in range(n):
-                variant.step(record=True, record_wait=i > 0 or block == 1)
-            peak = torch.cuda.max_memory_allocated() if cuda else _peak_kb(resettable) * 1024
+            sampler = RssSampler() if not (cuda or resettable) else contextlib.nullcontext()
+            with sampler:
+                for i in range(n):
+                    variant.step(record=True, record_wait=i > 0 or block == 1)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                peak = (_rss_kb("VmHWM") if resettable else sampler.peak_kb) * 1024
             memory[name]["peak_mb"] = max(memory[name]["peak_mb"], peak / 2**20)
             memory[name]["peak_increase_mb"] = max(memory[name]["peak_increase_mb"], (peak - before) / 2**20)
         round_index += 1
     method = "torch.cuda.max_memory_allocated" if cuda else (
-        "VmHWM after clear_refs (process RSS)" if resettable else "ru_maxrss (process lifetime peak)"
+        "VmHWM after clear_refs (process RSS)" if resettable else "VmRSS sampled every 2 ms (a lower bound)"
     )
     return {"memory": memory, "memory_method": method}
 
