@@ -129,19 +129,19 @@ def _vendored_files() -> Iterator[tuple[Path, str]]:
 def _packaged_metadata(bundle: Path, modalities: list[str] | None = None) -> bytes:
     """The bundle's metadata.json with the vendored package recorded under ``vendored_packages`` and, for a
     student on other ``modalities``, their input description."""
+    from monai.bundle import ConfigParser
+
     import brats_kd
 
-    meta = json.loads((bundle / METADATA).read_text())
-    meta[VENDORED_KEY] = {VENDORED: brats_kd.__version__}
+    parser = ConfigParser()
+    parser.read_meta(str(bundle / METADATA))
     if modalities is not None:
         from brats_kd.modalities import metadata_overrides
 
-        for key, value in metadata_overrides(modalities).items():
-            *parents, last = key.removeprefix("_meta_#").split("#")
-            node = meta
-            for part in parents:
-                node = node[part]
-            node[last] = value
+        for key, value in metadata_overrides(modalities).items():  # "_meta_#a#b" ids, as monai.bundle's --args_file
+            parser[key] = value
+    meta = parser.get("_meta_")
+    meta[VENDORED_KEY] = {VENDORED: brats_kd.__version__}
     return (json.dumps(meta, indent=4) + "\n").encode("utf-8")
 
 
