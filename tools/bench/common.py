@@ -98,10 +98,11 @@ def _write(json_path: str | None, result: dict) -> dict:
         write_json_atomic(path, result)
     return result
 
-def _bundle_parser(configs: Sequence[str], overrides: dict):
+def _bundle_parser(configs: Sequence[str], overrides: dict, bundle: str = "kd_student"):
+    """A ``ConfigParser`` holding ``bundle``'s ``configs`` with ``bundle_root`` and ``overrides`` applied."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(BUNDLES / "kd_student" / "configs" / c) for c in configs])
-    parser.update({"bundle_root": str(BUNDLES / "kd_student"), **overrides})
+    parser.read_config([str(BUNDLES / bundle / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(BUNDLES / bundle), **overrides})
     return parser

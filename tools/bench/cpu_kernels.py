@@ -18,26 +18,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tools.bench.common import _median, _positive, _write, environment, interleaved_times
+from tools.bench.common import _bundle_parser, _median, _positive, _write, environment, interleaved_times
 
 
 def quick_networks() -> dict[str, Callable]:
-    """Constructors of the bundles' networks with the quick preset's widths (4 input modalities, 3 regions)."""
-    from monai.networks.nets import SegResNet
-
-    from brats_kd.networks import CascadedUNet, EncoderDecoder, StridedUNet
+    """Constructors of the bundles' own networks (their configs' ``network_def``) at the quick preset's widths."""
     from tools.presets import PRESETS
 
     quick = PRESETS["quick"]
-    patch = quick.patch_bundle
-    return {
-        "kdnet_encoder_decoder": lambda: EncoderDecoder(4, 3, quick.bundle["filters"]),
-        "ensemble_unet": lambda: StridedUNet(spatial_dims=3, in_channels=4, out_channels=3, features=patch["unet_features"]),
-        "ensemble_resunet": lambda: SegResNet(spatial_dims=3, in_channels=4, out_channels=3,
-                                              init_filters=patch["resunet_init_filters"], blocks_down=[1, 2, 2, 4],
-                                              blocks_up=[1, 1, 1]),
-        "ensemble_cascade": lambda: CascadedUNet(in_channels=4, out_channels=3, features=patch["cascade_features"]),
-    }
+    kdnet = {"filters": quick.bundle["filters"]}
+    members = {m: ["train.json", f"member_{m}.json"] for m in ("unet", "resunet", "cascade")}
+    builders = {"kdnet_encoder_decoder": lambda: _bundle_parser(["inference.json"], kdnet, "teacher")}
+    builders.update({
+        f"ensemble_{m}": (lambda configs=configs: _bundle_parser(configs, dict(quick.patch_bundle), "ensemble"))
+        for m, configs in members.items()
+    })
+    return {name: (lambda parser=parser: parser().get_parsed_content("network_def")) for name, parser in builders.items()}
 
 
 def _first_output(output):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from brats_kd.config import as_flag, resolve_paths
 from tools.bench.common import (
-    BUNDLES,
     DEFAULT_FILTERS,
     GOALS,
     PATH_KEYS,
+    _bundle_parser,
     _median,
     _positive,
     _sync,
@@ -42,15 +42,6 @@ VARIANTS = {
 COMPILED = ("teacher", "baseline")  # KDTrainer does not support compile
 
 
-def _parser(bundle: str, configs: Sequence[str], overrides: dict):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLES / bundle / "configs" / c) for c in configs])
-    parser.update({"bundle_root": str(BUNDLES / bundle), **overrides})
-    return parser
-
-
 class Variant:
     """One model's trainer and loader, stepped by hand (no ``run()``), as one Ignite iteration would step them."""
 
@@ -59,7 +50,7 @@ class Variant:
         from monai.engines import Trainer
 
         self.name, self.device = name, device
-        parser = _parser(bundle, configs, overrides)
+        parser = _bundle_parser(configs, overrides, bundle)
         start = time.perf_counter()
         self.loader = parser.get_parsed_content("train#dataloader")  # CacheDataset fill
         self.cache_fill_s = time.perf_counter() - start
@@ -247,7 +238,7 @@ def train_throughput(
         if num_workers is not None:
             common["num_workers"] = int(num_workers)
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON result
-            _parser("kd_student", ["train.json", "cache_teacher.json"], {**common, "output_dir": str(work / "cache")}) \
+            _bundle_parser(["train.json", "cache_teacher.json"], {**common, "output_dir": str(work / "cache")}) \
                 .get_parsed_content("teacher_cache").run()
         gpu = ["gpu.json"] if use_gpu_config else []
         plan = dict(VARIANTS)
