@@ -44,7 +44,8 @@ def test_paired_means_differences_and_exact_p_by_hand(tmp_path, capsys):
     b_student[1]["not_in_a"] = {"et": 0.0}  # unpaired: ignored
     b = write_run(tmp_path / "b", dice_squared=False, models={"student": b_student})
     out_json = tmp_path / "cmp.json"
-    text = main(str(a), str(b), json_path=str(out_json))
+    main(str(a), str(b), json_path=str(out_json))
+    text = capsys.readouterr().out
 
     rows = json.loads(out_json.read_text())["rows"]
     assert [(r["model"], r["region"]) for r in rows] == [("student", "et")], "a model or region not in both is left out"
@@ -57,7 +58,7 @@ def test_paired_means_differences_and_exact_p_by_hand(tmp_path, capsys):
     assert "| student | ET | 5 | 0.480 | 0.780 | +0.300 | 0.0625 |" in text
     # the one setting that differs is named; provenance (the command) is not a setting
     assert "- options.dice_squared: True (A), False (B)" in text
-    assert "command" not in capsys.readouterr().out.split("\n\n")[0]
+    assert "command" not in text.split("\n\n")[0]
 
 
 def test_runs_on_other_seeds_are_refused_by_name(tmp_path):

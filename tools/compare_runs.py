@@ -83,12 +83,9 @@ def compare(results_a: dict, results_b: dict) -> list[dict]:
     return rows
 
 
-def comparison_table(rows: list[dict], a_name: str, b_name: str) -> str:
+def comparison_table(rows: list[dict]) -> str:
     """Markdown table of :func:`compare` records."""
-    lines = [
-        f"| Model | Region | Cases | Dice A ({a_name}) | Dice B ({b_name}) | B − A | Wilcoxon p |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| Model | Region | Cases | Dice A | Dice B | B − A | Wilcoxon p |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['region'].upper()} | {r['cases']} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
@@ -97,8 +94,8 @@ def comparison_table(rows: list[dict], a_name: str, b_name: str) -> str:
     return "\n".join(lines)
 
 
-def main(a: str, b: str, json_path: str | None = None) -> str:
-    """Compare experiment folders ``a`` and ``b``; print (and return) the settings that differ and the table.
+def main(a: str, b: str, json_path: str | None = None) -> None:
+    """Compare experiment folders ``a`` and ``b``; print the settings that differ and the table.
 
     Args:
         a: the reference run's folder.
@@ -113,12 +110,10 @@ def main(a: str, b: str, json_path: str | None = None) -> str:
     changed = differing_settings(record_a, record_b)
     lines = [f"A = {a}, B = {b}"]
     lines += [f"- {k}: {va!r} (A), {vb!r} (B)" for k, (va, vb) in changed.items()] or ["- no setting differs"]
-    text = "\n".join(lines) + "\n\n" + comparison_table(rows, "A", "B")
-    print(text)
+    print("\n".join(lines) + "\n\n" + comparison_table(rows))
     if json_path:
         payload = {"a": a, "b": b, "differing_settings": {k: list(v) for k, v in changed.items()}, "rows": rows}
         write_json_atomic(json_path, payload)
-    return text
 
 
 if __name__ == "__main__":
