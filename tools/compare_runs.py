@@ -1,6 +1,6 @@
 """Two runs of one experiment that differ in a setting, model by model: paired Dice per region.
 
-    python -m tools.compare_runs runs/omni_s0 runs/omni_plain_s0 [--json comparison.json]
+    python -m tools.compare_runs runs/omni_s0 runs/omni_plain_s0 [--json_path comparison.json]
 
 Both folders must hold the same experiment on the same data, seed and folds (their ``experiment.json``);
 then every model evaluated in both is compared case by case (same fold, same case id): the mean Dice of
