@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from brats_kd.io import write_json_atomic
-from tools.paired_tests import REGIONS, paired_dice, wilcoxon_p
+from tools.paired_tests import REGIONS, paired_dice, paired_summary
 from tools.report import collect
 
 # what must agree for a case-by-case pairing to mean anything: the same cases in the same folds
@@ -69,29 +69,20 @@ def compare(results_a: dict, results_b: dict) -> list[dict]:
             pairs = paired_dice(both, "b", "a", region)
             if not pairs:
                 continue
-            rows.append(
-                {
-                    "model": model,
-                    "region": region,
-                    "cases": len(pairs),
-                    "mean_a": statistics.fmean(a for _, a in pairs),
-                    "mean_b": statistics.fmean(b for b, _ in pairs),
-                    "mean_difference": statistics.fmean(b - a for b, a in pairs),
-                    "p_value": wilcoxon_p(pairs),
-                }
-            )
+            means = {"mean_a": statistics.fmean(a for _, a in pairs), "mean_b": statistics.fmean(b for b, _ in pairs)}
+            rows.append({"model": model, "region": region, **means, **paired_summary(pairs)})
     return rows
 
 
 def comparison_table(rows: list[dict]) -> str:
     """Markdown table of :func:`compare` records."""
-    lines = ["| Model | Region | Cases | Dice A | Dice B | B − A | Wilcoxon p |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['region'].upper()} | {r['cases']} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
-            f"{r['mean_difference']:+.3f} | {r['p_value']:.3g} |"
-        )
-    return "\n".join(lines)
+    header = ["| Model | Region | Cases | Dice A | Dice B | B − A | Wilcoxon p |", "|---|---|---|---|---|---|---|"]
+    body = [
+        f"| {r['model']} | {r['region'].upper()} | {r['cases']} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
+        f"{r['mean_difference']:+.3f} | {r['p_value']:.3g} |"
+        for r in rows
+    ]
+    return "\n".join(header + body)
 
 
 def main(a: str, b: str, json_path: str | None = None) -> None:

@@ -45,6 +45,15 @@ def wilcoxon_p(pairs: list[tuple[float, float]]) -> float:
     return float(wilcoxon(differences).pvalue)
 
 
+def paired_summary(pairs: list[tuple[float, float]]) -> dict:
+    """``{cases, mean_difference, p_value}`` of (model, reference) pairs: mean of model − reference, Wilcoxon p."""
+    return {
+        "cases": len(pairs),
+        "mean_difference": statistics.fmean(x - y for x, y in pairs),
+        "p_value": wilcoxon_p(pairs),
+    }
+
+
 def paired_tests(results: dict, pairs=PAIRS) -> list[dict]:
     """One record per (model, reference, region) present: cases, mean Dice difference, Wilcoxon p-value."""
     rows = []
@@ -54,16 +63,7 @@ def paired_tests(results: dict, pairs=PAIRS) -> list[dict]:
         for region in REGIONS:
             values = paired_dice(results, model, reference, region)
             if values:
-                rows.append(
-                    {
-                        "model": model,
-                        "reference": reference,
-                        "region": region,
-                        "cases": len(values),
-                        "mean_difference": statistics.fmean(x - y for x, y in values),
-                        "p_value": wilcoxon_p(values),
-                    }
-                )
+                rows.append({"model": model, "reference": reference, "region": region, **paired_summary(values)})
     return rows
 
 
