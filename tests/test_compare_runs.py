@@ -18,6 +18,7 @@ def write_run(out, seed=0, dice_squared=True, models=None):
         "seed": seed,
         "preset": {"name": "quick", "bundle": {"epochs": 80}},
         "options": {"dice_squared": dice_squared, "jobs": 2},
+        "environment": {"torch": "2.13.0", "git_commit": "abc" if dice_squared else "def"},
     }
     (out / "experiment.json").write_text(json.dumps(record))
     for model, per_fold in (models or {}).items():
@@ -56,8 +57,10 @@ def test_paired_means_differences_and_exact_p_by_hand(tmp_path, capsys):
     assert row["mean_difference"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4 + 0.5) / 5)
     assert row["p_value"] == pytest.approx(2 / 32)
     assert "| student | ET | 5 | 0.480 | 0.780 | +0.300 | 0.0625 |" in text
-    # the one setting that differs is named; provenance (the command) is not a setting
+    # the settings that differ are named; the command line is not a setting
     assert "- options.dice_squared: True (A), False (B)" in text
+    assert "- environment.git_commit: 'abc' (A), 'def' (B)" in text, "the code each run ran is part of what differs"
+    assert "environment.torch" not in text
     assert "command" not in text.split("\n\n")[0]
 
 

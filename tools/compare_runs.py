@@ -21,8 +21,8 @@ from tools.report import collect
 
 # what must agree for a case-by-case pairing to mean anything: the same cases in the same folds
 SAME_DATA_KEYS = ("experiment", "data", "seed", "folds")
-# recorded for provenance, not a setting of the run
-NOT_SETTINGS = ("command", "started", "environment")
+# how and when the run was started, not what it ran (the environment, e.g. the git commit, is listed)
+NOT_SETTINGS = ("command", "started")
 
 
 def read_experiment(out: Path) -> dict:
@@ -34,7 +34,7 @@ def read_experiment(out: Path) -> dict:
 
 
 def flat_settings(record: dict, prefix: str = "") -> dict[str, object]:
-    """``experiment.json`` as ``{"preset.bundle.epochs": 80, ...}``, without its provenance entries."""
+    """``experiment.json`` as ``{"preset.bundle.epochs": 80, ...}``, without the command line and start time."""
     flat: dict[str, object] = {}
     for key, value in record.items():
         if not prefix and key in NOT_SETTINGS:
