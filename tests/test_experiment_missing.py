@@ -11,6 +11,8 @@ import itertools
 import json
 import math
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -207,13 +209,17 @@ def test_activation_and_subsets_reach_every_stage_and_experiment_json(tmp_path, 
     monkeypatch.setattr(experiment, "prepare_data", lambda *args, **kwargs: tmp_path / "datalist.json")
     monkeypatch.setattr(experiment, "run_stages", lambda stages, *args, **kwargs: captured.extend(stages))
     monkeypatch.setattr(tools.report, "write_report", lambda root: Path(root) / "report.md")
+    argv = ["tools/experiment.py", "missing", "--subsets", "t2,t1 flair", "--activation", "softmax"]
+    monkeypatch.setattr(sys, "argv", argv)
     experiment.missing(out=str(tmp_path / "run"), preset="smoke", subsets="t2,t1 flair", activation="softmax", run_folds=0)
     assert [s.name for s in captured if s.kind == "train"] == [
         "fold0/teacher/train", "fold0/baseline_t1+t2/train", "fold0/student_t1+t2/train",
         "fold0/baseline_flair/train", "fold0/student_flair/train"]  # fmt: skip
     assert all(stage.overrides["activation"] == "softmax" for stage in captured)
-    options = json.loads((tmp_path / "run" / "experiment.json").read_text())["options"]
-    assert options["subsets"] == ["t1+t2", "flair"] and options["activation"] == "softmax"
+    record = json.loads((tmp_path / "run" / "experiment.json").read_text())
+    assert record["options"]["subsets"] == ["t1+t2", "flair"] and record["options"]["activation"] == "softmax"
+    # the recorded command reruns as typed: the space inside the --subsets value stays quoted
+    assert shlex.split(record["command"])[3:] == argv[1:]
     with pytest.raises(ValueError, match="--activation"):
         experiment.missing(out=str(tmp_path / "bad"), preset="smoke", subsets="flair", activation="relu")
     assert not (tmp_path / "bad").exists()

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -475,7 +476,8 @@ def _start(
         root / "experiment.json",
         {
             "experiment": kind,
-            "command": " ".join([Path(sys.executable).name, "-m", "tools.experiment", *sys.argv[1:]]),
+            # shell-quoted, so that an argument with spaces (--subsets "flair t1,t2") reruns as given
+            "command": shlex.join([Path(sys.executable).name, "-m", "tools.experiment", *sys.argv[1:]]),
             "data": data,
             "folds": num_folds,
             "seed": seed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def acquire_folder(folder: Path) -> str | None:
         ) from None
     handle.seek(0)
     handle.truncate()
-    command = " ".join(["python -m tools.experiment", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "tools.experiment", *sys.argv[1:]])
     started = dt.datetime.now().isoformat(timespec="seconds")
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n")
     handle.flush()
