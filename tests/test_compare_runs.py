@@ -7,7 +7,7 @@ import pytest
 from tools.compare_runs import main
 
 
-def write_run(out, seed=0, dice_squared=True, models=None):
+def write_run(out, seed=0, dice_squared=True, models=None, phantom_cases=60):
     """An experiment folder as tools.experiment leaves it: experiment.json and <model>/evaluate raw CSVs."""
     out.mkdir()
     record = {
@@ -16,7 +16,7 @@ def write_run(out, seed=0, dice_squared=True, models=None):
         "data": "synthetic",
         "folds": 2,
         "seed": seed,
-        "preset": {"name": "quick", "bundle": {"epochs": 80}},
+        "preset": {"name": "quick", "phantom_cases": phantom_cases, "bundle": {"epochs": 80}},
         "options": {"dice_squared": dice_squared, "jobs": 2},
         "environment": {"torch": "2.13.0", "git_commit": "abc" if dice_squared else "def"},
     }
@@ -70,6 +70,14 @@ def test_runs_on_other_seeds_are_refused_by_name(tmp_path):
     with pytest.raises(SystemExit, match=r"cannot pair the cases of these runs: seed: 0 in .*a, 1 in .*b"):
         main(str(a), str(b), json_path=str(tmp_path / "cmp.json"))
     assert not (tmp_path / "cmp.json").exists(), "nothing is written for a refused comparison"
+
+
+def test_another_phantom_under_the_same_seed_is_refused(tmp_path):
+    # "synthetic" and seed 0 under another preset are other cases with the same ids
+    a = write_run(tmp_path / "a", models={"student": {0: cases([0.5])}})
+    b = write_run(tmp_path / "b", phantom_cases=8, models={"student": {0: cases([0.6])}})
+    with pytest.raises(SystemExit, match=r"preset.phantom_cases: 60 in .*a, 8 in .*b"):
+        main(str(a), str(b))
 
 
 def test_a_folder_without_experiment_json_is_named(tmp_path):

@@ -19,8 +19,10 @@ from brats_kd.io import write_json_atomic
 from tools.paired_tests import REGIONS, paired_dice, paired_summary
 from tools.report import collect
 
-# what must agree for a case-by-case pairing to mean anything: the same cases in the same folds
+# what must agree for a case-by-case pairing to mean anything: the same cases in the same folds; on the built-in
+# phantom also its size settings, since "synthetic" with the same seed names another data set under another preset
 SAME_DATA_KEYS = ("experiment", "data", "seed", "folds")
+PHANTOM_PREFIX = "preset.phantom_"
 # how and when the run was started, not what it ran (the environment, e.g. the git commit, is listed)
 NOT_SETTINGS = ("command", "started")
 
@@ -54,8 +56,10 @@ def differing_settings(a: dict, b: dict) -> dict[str, tuple[object, object]]:
 
 
 def check_same_data(a: dict, b: dict, a_name: str, b_name: str) -> None:
-    """Refuse two runs whose cases cannot be paired (another experiment, data set, seed or fold count)."""
-    wrong = [f"{k}: {a.get(k)!r} in {a_name}, {b.get(k)!r} in {b_name}" for k in SAME_DATA_KEYS if a.get(k) != b.get(k)]
+    """Refuse two runs whose cases cannot be paired (another experiment, data set, phantom, seed or fold count)."""
+    fa, fb = flat_settings(a), flat_settings(b)
+    keys = [*SAME_DATA_KEYS, *sorted(k for k in set(fa) | set(fb) if k.startswith(PHANTOM_PREFIX))]
+    wrong = [f"{k}: {fa.get(k)!r} in {a_name}, {fb.get(k)!r} in {b_name}" for k in keys if fa.get(k) != fb.get(k)]
     if wrong:
         raise SystemExit("cannot pair the cases of these runs: " + "; ".join(wrong))
 
