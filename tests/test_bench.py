@@ -117,7 +117,7 @@ def test_train_throughput_reports_every_model_with_data_wait_and_peak_memory(tmp
     for key, (num, den) in ratios.items():
         assert result[key] == pytest.approx(models[num]["step_s"] / models[den]["step_s"]), key
     assert result["gpu_config"] is (gpu_config == "true") and result["spatial_size"] == [16, 16, 16]
-    assert result["memory_method"].startswith(("VmHWM", "ru_maxrss"))
+    assert result["memory_method"].startswith(("VmHWM", "VmRSS sampled"))
     check_environment(result)
 
 
@@ -152,3 +152,25 @@ def test_rss_sampler_sees_a_peak_inside_its_block_after_a_higher_lifetime_peak()
         del block
     assert sampler.peak_kb - before > 40 * 1024, (before, sampler.peak_kb)
     assert _rss_kb("VmRSS") - before < 40 * 1024, "the block's memory was returned: only a sampled peak shows it"
+
+
+@pytest.mark.parametrize("resettable", [True, False])
+def test_block_peak_rss_sees_the_block_either_way_and_names_its_method(resettable, monkeypatch):
+    """Both benchmarks measure a block through BlockPeakRss: VmHWM after clear_refs, or the sampler where the
+    kernel's peak cannot be reset (forced here)."""
+    import numpy as np
+
+    import tools.bench.inference as inference
+
+    if not resettable:
+        monkeypatch.setattr(inference, "_reset_peak_rss", lambda: False)
+    elif not inference._reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs cannot be written here")
+    before = inference._rss_kb("VmRSS")
+    with inference.BlockPeakRss() as rss:
+        block = np.ones(48 * 2**20 // 8)
+        time.sleep(0.05)
+        del block
+    assert rss.peak_kb - before > 40 * 1024, (before, rss.peak_kb)
+    expected = "VmHWM after clear_refs (process RSS)" if resettable else "VmRSS sampled every 2 ms (a lower bound)"
+    assert rss.method == expected

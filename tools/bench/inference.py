@@ -69,6 +69,30 @@ class RssSampler:
         self.peak_kb = max(self.peak_kb, _rss_kb("VmRSS"))
 
 
+class BlockPeakRss:
+    """This process's peak resident memory (kB, ``peak_kb``) during the ``with`` block: the kernel's ``VmHWM``
+    after resetting it (``clear_refs``) or, where it cannot be reset, ``VmRSS`` sampled by :class:`RssSampler`
+    (a lower bound). ``method`` says which, for the benchmark's JSON."""
+
+    def __enter__(self) -> BlockPeakRss:
+        self.resettable = _reset_peak_rss()
+        self._sampler = None if self.resettable else RssSampler().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is None:
+            self.peak_kb = _rss_kb("VmHWM")
+        else:
+            self._sampler.__exit__(*exc)
+            self.peak_kb = self._sampler.peak_kb
+
+    @property
+    def method(self) -> str:
+        if self.resettable:
+            return "VmHWM after clear_refs (process RSS)"
+        return f"VmRSS sampled every {self._sampler.interval_s * 1000:g} ms (a lower bound)"
+
+
 def _student_pipeline(case_dir: Path, case_id: str, options: dict):
     """The kd_student inference.json's preprocessing, network and postprocessing (without the file writer)."""
     parser = _bundle_parser(
@@ -135,22 +159,19 @@ def _inference_worker(variant: str, case_dir: str, case_id: str, options: dict, 
     case, preprocessing, network, inferer, postprocessing = build(Path(case_dir), case_id, options)
     device = torch.device(options["device"])
     cuda = device.type == "cuda"
-    resettable = _reset_peak_rss()
     rss_before = _rss_kb("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    sampler = contextlib.nullcontext() if resettable else RssSampler()
-    with sampler:
+    with BlockPeakRss() as rss:
         runs, data, output = _timed_runs(1 + repeats, case, preprocessing, network, inferer, postprocessing, device)
-    peak_kb = _rss_kb("VmHWM") if resettable else sampler.peak_kb
     timed = runs[1:] if repeats else runs
     result = {key: _median([r[key] for r in timed]) for key in timed[0]}
     result.update(
         {
             "input_shape": list(data["image"].shape),
             "output_shape": list(output.shape),
-            "peak_rss_delta_mb": max(0, peak_kb - rss_before) / 1024,
-            "peak_rss_method": "VmHWM after clear_refs" if resettable else "VmRSS sampled every 2 ms (a lower bound)",
+            "peak_rss_delta_mb": max(0, rss.peak_kb - rss_before) / 1024,
+            "peak_rss_method": rss.method,
             "first_run_total_s": runs[0]["total_s"],
             "total_s_runs": [round(r["total_s"], 3) for r in timed],
         }

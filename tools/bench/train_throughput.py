@@ -29,7 +29,7 @@ from tools.bench.common import (
     environment,
 )
 from tools.bench.gpu_check import write_phantom
-from tools.bench.inference import RssSampler, _reset_peak_rss, _rss_kb
+from tools.bench.inference import BlockPeakRss, _rss_kb
 
 #: variant -> (bundle, extra config files, extra overrides); teacher_copy is the A/A control of teacher
 VARIANTS = {
@@ -108,7 +108,7 @@ def _run_interleaved(variants: dict[str, Variant], steps: int, warmup: int, bloc
     for variant in variants.values():
         for _ in range(warmup):
             variant.step(record=False, record_wait=False)
-    resettable = _reset_peak_rss()
+    method = "torch.cuda.max_memory_allocated"  # on the CPU: the BlockPeakRss method of the blocks
     memory = {name: {"peak_mb": 0.0, "peak_increase_mb": 0.0} for name in variants}
     names, round_index = list(variants), 0
     while any(len(v.step_s) < steps for v in variants.values()):
@@ -123,22 +123,17 @@ def _run_interleaved(variants: dict[str, Variant], steps: int, warmup: int, bloc
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             else:
-                _reset_peak_rss()
                 before = _rss_kb("VmRSS") * 1024
-            sampler = RssSampler() if not (cuda or resettable) else contextlib.nullcontext()
-            with sampler:
+            with contextlib.nullcontext() if cuda else BlockPeakRss() as rss:
                 for i in range(n):
                     variant.step(record=True, record_wait=i > 0 or block == 1)
             if cuda:
                 peak = torch.cuda.max_memory_allocated()
             else:
-                peak = (_rss_kb("VmHWM") if resettable else sampler.peak_kb) * 1024
+                peak, method = rss.peak_kb * 1024, rss.method
             memory[name]["peak_mb"] = max(memory[name]["peak_mb"], peak / 2**20)
             memory[name]["peak_increase_mb"] = max(memory[name]["peak_increase_mb"], (peak - before) / 2**20)
         round_index += 1
-    method = "torch.cuda.max_memory_allocated" if cuda else (
-        "VmHWM after clear_refs (process RSS)" if resettable else "VmRSS sampled every 2 ms (a lower bound)"
-    )
     return {"memory": memory, "memory_method": method}
 
 
