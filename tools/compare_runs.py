@@ -55,11 +55,11 @@ def differing_settings(a: dict, b: dict) -> dict[str, tuple[object, object]]:
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def check_same_data(a: dict, b: dict, a_name: str, b_name: str) -> None:
-    """Refuse two runs whose cases cannot be paired (another experiment, data set, phantom, seed or fold count)."""
-    fa, fb = flat_settings(a), flat_settings(b)
-    keys = [*SAME_DATA_KEYS, *sorted(k for k in set(fa) | set(fb) if k.startswith(PHANTOM_PREFIX))]
-    wrong = [f"{k}: {fa.get(k)!r} in {a_name}, {fb.get(k)!r} in {b_name}" for k in keys if fa.get(k) != fb.get(k)]
+def check_same_data(changed: dict[str, tuple[object, object]], a_name: str, b_name: str) -> None:
+    """Refuse two runs whose cases cannot be paired (another experiment, data set, phantom, seed or fold count);
+    ``changed`` is their :func:`differing_settings`."""
+    data_keys = [k for k in SAME_DATA_KEYS if k in changed] + [k for k in changed if k.startswith(PHANTOM_PREFIX)]
+    wrong = [f"{k}: {changed[k][0]!r} in {a_name}, {changed[k][1]!r} in {b_name}" for k in data_keys]
     if wrong:
         raise SystemExit("cannot pair the cases of these runs: " + "; ".join(wrong))
 
@@ -97,12 +97,11 @@ def main(a: str, b: str, json_path: str | None = None) -> None:
         b: the run compared with it (differences are B − A).
         json_path: also write the settings and records to this JSON file.
     """
-    record_a, record_b = read_experiment(Path(a)), read_experiment(Path(b))
-    check_same_data(record_a, record_b, a, b)
+    changed = differing_settings(read_experiment(Path(a)), read_experiment(Path(b)))
+    check_same_data(changed, a, b)
     rows = compare(collect(Path(a)), collect(Path(b)))
     if not rows:
         raise SystemExit(f"{a} and {b} have no evaluated model in common (no <model>/evaluate/summary.json in both)")
-    changed = differing_settings(record_a, record_b)
     lines = [f"A = {a}, B = {b}"]
     lines += [f"- {k}: {va!r} (A), {vb!r} (B)" for k, (va, vb) in changed.items()] or ["- no setting differs"]
     print("\n".join(lines) + "\n\n" + comparison_table(rows))
