@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from brats_kd.io import write_json_atomic
 from tools import official_metrics as official_metrics_module
 from tools.prepare import DatasetError, UsageError
 from tools.presets import Preset, get_preset
-from tools.run_lock import FolderBusy, acquire_folder
+from tools.run_lock import FolderBusy, acquire_folder, runner_command
 from tools.stages import ROOT, Stage, StageFailed, check_overrides, defined_settings, run_stage, stop_running_stages
 
 
@@ -476,8 +475,7 @@ def _start(
         root / "experiment.json",
         {
             "experiment": kind,
-            # shell-quoted, so that an argument with spaces (--subsets "flair t1,t2") reruns as given
-            "command": shlex.join([Path(sys.executable).name, "-m", "tools.experiment", *sys.argv[1:]]),
+            "command": runner_command(),
             "data": data,
             "folds": num_folds,
             "seed": seed,

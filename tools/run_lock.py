@@ -25,6 +25,12 @@ class FolderBusy(RuntimeError):
     """Another live runner holds the folder's lock."""
 
 
+def runner_command() -> str:
+    """This runner's command line, shell-quoted so that an argument with spaces (``--subsets "flair t1,t2"``)
+    reruns as given."""
+    return shlex.join([Path(sys.executable).name, "-m", "tools.experiment", *sys.argv[1:]])
+
+
 def acquire_folder(folder: Path) -> str | None:
     """Lock ``folder`` for this process until it exits.
 
@@ -49,9 +55,8 @@ def acquire_folder(folder: Path) -> str | None:
         ) from None
     handle.seek(0)
     handle.truncate()
-    command = shlex.join(["python", "-m", "tools.experiment", *sys.argv[1:]])
     started = dt.datetime.now().isoformat(timespec="seconds")
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {runner_command()}\n")
     handle.flush()
     _held[folder] = handle
     return previous
